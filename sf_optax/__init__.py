@@ -1,0 +1,23 @@
+"""sf_optax: Schedule-Free optimizers as Optax gradient transformations."""
+
+from sf_optax._eval_params import eval_params
+from sf_optax._optimizers import schedule_free_adamw
+from sf_optax._optimizers import schedule_free_adamw_paper
+from sf_optax._optimizers import schedule_free_radam
+from sf_optax._optimizers import schedule_free_sgd
+from sf_optax._optimizers import SecondMomentState
+from sf_optax._schedule_free import schedule_free
+from sf_optax._schedule_free import ScheduleFreeState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ScheduleFreeState",
+    "SecondMomentState",
+    "eval_params",
+    "schedule_free",
+    "schedule_free_adamw",
+    "schedule_free_adamw_paper",
+    "schedule_free_radam",
+    "schedule_free_sgd",
+)

@@ -1,0 +1,109 @@
+"""The scalar bookkeeping of Schedule-Free: warmup, lr_max and the averaging weights.
+
+Everything here works on scalars once per step. The weights follow the reference
+(Defazio et al., 2024, and the PyTorch ``schedulefree`` package)::
+
+    lr_max = max(lr, lr_max)
+    weight = (k + 1)**r * lr_max**weight_lr_power
+    weight_sum += weight
+    c = weight / weight_sum        (0 while weight_sum is 0)
+
+The reference sums in Python float64. We keep the sum in float32 or wider and
+make it compensated (Kahan): a plain float32 sum of a million nearly equal weights
+loses about three digits, which turns ``c`` and hence the average x into
+something else; the compensated sum keeps ``c`` within a few float32 ulps of the
+float64 value over any run length.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def bookkeeping_dtype(*dtypes: Any) -> jnp.dtype:
+  """float32, or float64 when any of ``dtypes`` is float64: never lower than float32."""
+  result = jnp.dtype(jnp.float32)
+  for dtype in dtypes:
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+      result = jnp.promote_types(result, dtype)
+  return result
+
+
+def warmup_factor(count: jax.Array, warmup_steps: Any, dtype: Any) -> jax.Array:
+  """Linear warmup (k+1)/warmup_steps for k < warmup_steps, then 1.
+
+  ``count`` is k, the number of steps already taken: the first step uses
+  1/warmup_steps, as the reference does (the Optax peer is one step behind here).
+  """
+  step = (count + 1).astype(dtype)
+  steps = jnp.maximum(jnp.asarray(warmup_steps, dtype), 1)
+  return jnp.minimum(step / steps, 1).astype(dtype)
+
+
+def bias_correction(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:
+  """1 - decay**(k+1), computed without cancellation.
+
+  ``1 - b2**t`` loses all but a few digits in float32 on the first steps
+  (b2 = 0.999 gives 1e-3); ``-expm1(t * log(b2))`` is exact to a few ulps, and
+  ``log1p(b2 - 1)`` is log(b2) without rounding since b2 - 1 is exact for b2 in
+  [0.5, 1].
+  """
+  decay = jnp.asarray(decay, dtype)
+  step = (count + 1).astype(dtype)
+  return -jnp.expm1(step * jnp.log1p(decay - 1))
+
+
+class Averaging(NamedTuple):
+  """The outcome of one step of bookkeeping."""
+
+  c: jax.Array  # [] weight of the new z in the average x
+  weight_sum: jax.Array  # [] updated sum of weights
+  weight_sum_compensation: jax.Array  # [] Kahan compensation of weight_sum
+  lr_max: jax.Array  # [] updated largest learning rate
+
+
+def averaging_step(
+    count: jax.Array,
+    learning_rate: jax.Array,
+    lr_max: jax.Array,
+    weight_sum: jax.Array,
+    weight_sum_compensation: jax.Array,
+    *,
+    r: Any,
+    weight_lr_power: Any,
+) -> Averaging:
+  """One step of the reference's averaging weights, with a compensated sum.
+
+  Args:
+    count: k, steps taken before this one (int32 scalar).
+    learning_rate: this step's learning rate (after warmup and any rectification).
+    lr_max: the largest learning rate of earlier steps.
+    weight_sum: the sum of earlier weights.
+    weight_sum_compensation: the Kahan compensation of ``weight_sum``.
+    r: the polynomial weighting power.
+    weight_lr_power: the power of lr_max in the weights.
+
+  Returns:
+    The interpolation coefficient c and the new bookkeeping.
+  """
+  dtype = weight_sum.dtype
+  lr_max = jnp.maximum(lr_max, learning_rate.astype(dtype))
+  step = (count + 1).astype(dtype)
+  weight = jnp.power(step, jnp.asarray(r, dtype)) * jnp.power(
+      lr_max, jnp.asarray(weight_lr_power, dtype)
+  )
+  # Kahan summation: `compensation` holds the low-order part lost so far.
+  corrected = weight - weight_sum_compensation
+  total = weight_sum + corrected
+  compensation = (total - weight_sum) - corrected
+  safe_total = jnp.where(total > 0, total, 1)
+  c = jnp.where(total > 0, weight / safe_total, 0)
+  return Averaging(
+      c=c.astype(dtype),
+      weight_sum=total.astype(dtype),
+      weight_sum_compensation=compensation.astype(dtype),
+      lr_max=lr_max.astype(dtype),
+  )

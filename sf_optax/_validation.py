@@ -1,0 +1,113 @@
+"""Checks of hyperparameters and trees that run in Python, before any tracing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_concrete(value: Any) -> bool:
+  """Whether ``value`` is a concrete number that Python may inspect.
+
+  ``optax.inject_hyperparams`` hands traced arrays to the factory inside a jitted
+  update: those are never compared in Python.
+  """
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return False
+  try:
+    float(value)
+  except (TypeError, ValueError):
+    return False
+  return np.ndim(value) == 0
+
+
+def check_scalar(
+    name: str,
+    value: Any,
+    *,
+    lower: float | None = None,
+    upper: float | None = None,
+    lower_open: bool = False,
+) -> None:
+  """Raises ValueError naming ``name`` if a concrete ``value`` is out of range.
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    value: a Python number, a concrete array, a tracer or a schedule. Only the
+      first two are checked.
+    lower: smallest allowed value.
+    upper: largest allowed value (inclusive).
+    lower_open: whether ``lower`` itself is excluded.
+  """
+  if not is_concrete(value):
+    return
+  number = float(value)
+  if math.isnan(number):
+    raise ValueError(f"{name} must be a number, got {value!r}.")
+  if lower is not None and (number < lower or (lower_open and number == lower)):
+    interval = (
+        f"({lower}, {upper if upper is not None else 'inf'}"
+        if lower_open
+        else f"[{lower}, {upper if upper is not None else 'inf'}"
+    )
+    raise ValueError(
+        f"{name} must lie in {interval}{']' if upper is not None else ')'},"
+        f" got {value!r}."
+    )
+  if upper is not None and number > upper:
+    raise ValueError(f"{name} must be at most {upper}, got {value!r}.")
+
+
+def check_b1(value: Any) -> None:
+  """The interpolation momentum must lie in (0, 1]: x is recovered as (y - (1-b1) z) / b1."""
+  check_scalar("b1", value, lower=0.0, upper=1.0, lower_open=True)
+
+
+def check_nonnegative(**values: Any) -> None:
+  """Raises ValueError naming the first concrete negative value."""
+  for name, value in values.items():
+    check_scalar(name, value, lower=0.0)
+
+
+def check_warmup_steps(warmup_steps: Any) -> None:
+  if not is_concrete(warmup_steps):
+    return
+  check_scalar("warmup_steps", warmup_steps, lower=0.0)
+  if float(warmup_steps) != int(float(warmup_steps)):
+    raise ValueError(f"warmup_steps must be an integer, got {warmup_steps!r}.")
+
+
+def _paths(tree: Any) -> set[str]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path) for path, _ in leaves}
+
+
+def check_same_structure(name: str, tree: Any, state_name: str, state_tree: Any) -> None:
+  """Raises ValueError if ``tree`` and ``state_tree`` are not the same tree.
+
+  The message names the paths present in one tree and not the other, so a user
+  can see which parameter went missing or appeared.
+  """
+  if jax.tree.structure(tree) == jax.tree.structure(state_tree):
+    return
+  mine, theirs = _paths(tree), _paths(state_tree)
+  only_mine = sorted(mine - theirs)[:5]
+  only_theirs = sorted(theirs - mine)[:5]
+  details = []
+  if only_mine:
+    details.append(f"paths in {name} but not in {state_name}: {', '.join(only_mine)}")
+  if only_theirs:
+    details.append(f"paths in {state_name} but not in {name}: {', '.join(only_theirs)}")
+  if not details:
+    details.append(
+        f"{name} has structure {jax.tree.structure(tree)}, {state_name} has"
+        f" {jax.tree.structure(state_tree)}"
+    )
+  raise ValueError(
+      f"The tree of {name} does not match the optimizer state ({state_name}): "
+      + "; ".join(details)
+      + "."
+  )

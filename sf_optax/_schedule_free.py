@@ -140,7 +140,7 @@ def schedule_free_transform(
 
   The z-step sees z - lr * d * y as its params (the reference wrapper decays
   before the base step). With ``store_x=False`` the update is computed from
-  (y, z) alone: y' - y = c (z - y) + (1 - b1 (1 - c)) (z' - z).
+  (y, z) alone: y' - y = c (z' - y) + (1 - c) (1 - b1) (z' - z).
 
   Args:
     z_step: the base step (see :class:`ZStep`).
@@ -261,7 +261,11 @@ def schedule_free_transform(
         new_updates.append((y_next - y_c).astype(y.dtype))
         new_x.append(x_next.astype(x.dtype))
       else:
-        new_updates.append((c_c * (z_c - y_c) + (1 - b1_c * (1 - c_c)) * delta).astype(y.dtype))
+        # Written with z' rather than z so that no kernel reads the old z after
+        # z' may have overwritten it in place (otherwise XLA copies z).
+        new_updates.append(
+            (c_c * (z_next - y_c) + (1 - c_c) * (1 - b1_c) * delta).astype(y.dtype)
+        )
       new_z.append(z_next.astype(z.dtype))
 
     new_state = ScheduleFreeState(

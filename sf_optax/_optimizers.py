@@ -139,6 +139,7 @@ def schedule_free_sgd(
     mask: Any = None,
     lr_scales: Any = None,
     weight_decay_scales: Any = None,
+    weight_decay_at: str = "y",
     state_dtype: Any = None,
     store_x: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -169,6 +170,9 @@ def schedule_free_sgd(
       tree or a function of params), like torch parameter groups. The averaging
       weights stay global. Used for muP: ``mup_flax.schedule_free_scales``.
     weight_decay_scales: per-parameter multipliers of ``weight_decay``.
+    weight_decay_at: where the decay is evaluated: "y" (the reference's default,
+      the gradient point) or "z" (the base iterate; the reference's
+      AdamWScheduleFreeReference with ``decay_at_z``). See the README.
     state_dtype: dtype of z and x; e.g. ``jnp.float32`` with bf16 params.
     store_x: keep x in the state (default: exact and free evaluation, robust to
       low-precision params, one more params-sized buffer) or reconstruct it as
@@ -207,6 +211,7 @@ def schedule_free_sgd(
       mask=mask,
       lr_scales=lr_scales,
       weight_decay_scales=weight_decay_scales,
+      weight_decay_at=weight_decay_at,
       state_dtype=state_dtype,
       store_x=store_x,
   )
@@ -225,6 +230,7 @@ def schedule_free_adamw(
     mask: Any = None,
     lr_scales: Any = None,
     weight_decay_scales: Any = None,
+    weight_decay_at: str = "y",
     state_dtype: Any = None,
     store_x: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -255,6 +261,9 @@ def schedule_free_adamw(
     lr_scales: per-parameter learning-rate multipliers (see
       :func:`schedule_free_sgd`).
     weight_decay_scales: per-parameter multipliers of ``weight_decay``.
+    weight_decay_at: where the decay is evaluated: "y" (the reference's default,
+      the gradient point) or "z" (the base iterate; the reference's
+      AdamWScheduleFreeReference with ``decay_at_z``). See the README.
     state_dtype: dtype of z, x and v.
     store_x: keep x in the state (see :func:`schedule_free_sgd`).
 
@@ -289,6 +298,7 @@ def schedule_free_adamw(
       mask=mask,
       lr_scales=lr_scales,
       weight_decay_scales=weight_decay_scales,
+      weight_decay_at=weight_decay_at,
       state_dtype=state_dtype,
       store_x=store_x,
   )
@@ -307,6 +317,7 @@ def schedule_free_adamw_paper(
     mask: Any = None,
     lr_scales: Any = None,
     weight_decay_scales: Any = None,
+    weight_decay_at: str = "y",
     state_dtype: Any = None,
     store_x: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -330,6 +341,9 @@ def schedule_free_adamw_paper(
     mask: weight-decay mask (tree of bools or a function of params).
     lr_scales: per-parameter learning-rate multipliers.
     weight_decay_scales: per-parameter multipliers of ``weight_decay``.
+    weight_decay_at: where the decay is evaluated: "y" (the reference's default,
+      the gradient point) or "z" (the base iterate; the reference's
+      AdamWScheduleFreeReference with ``decay_at_z``). See the README.
     state_dtype: dtype of z, x and v.
     store_x: keep x in the state (see :func:`schedule_free_sgd`).
 
@@ -364,6 +378,7 @@ def schedule_free_adamw_paper(
       mask=mask,
       lr_scales=lr_scales,
       weight_decay_scales=weight_decay_scales,
+      weight_decay_at=weight_decay_at,
       state_dtype=state_dtype,
       store_x=store_x,
   )
@@ -382,6 +397,7 @@ def schedule_free_radam(
     mask: Any = None,
     lr_scales: Any = None,
     weight_decay_scales: Any = None,
+    weight_decay_at: str = "y",
     state_dtype: Any = None,
     store_x: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -407,6 +423,9 @@ def schedule_free_radam(
     mask: weight-decay mask (tree of bools or a function of params).
     lr_scales: per-parameter learning-rate multipliers.
     weight_decay_scales: per-parameter multipliers of ``weight_decay``.
+    weight_decay_at: where the decay is evaluated: "y" (the reference's default,
+      the gradient point) or "z" (the base iterate; the reference's
+      AdamWScheduleFreeReference with ``decay_at_z``). See the README.
     state_dtype: dtype of z, x and v.
     store_x: keep x in the state (see :func:`schedule_free_sgd`).
 
@@ -445,6 +464,7 @@ def schedule_free_radam(
       mask=mask,
       lr_scales=lr_scales,
       weight_decay_scales=weight_decay_scales,
+      weight_decay_at=weight_decay_at,
       state_dtype=state_dtype,
       store_x=store_x,
   )

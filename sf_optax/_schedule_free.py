@@ -126,6 +126,7 @@ def schedule_free_transform(
     mask: ScaleTree = None,
     lr_scales: ScaleTree = None,
     weight_decay_scales: ScaleTree = None,
+    weight_decay_at: str = "y",
     state_dtype: Any = None,
     store_x: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -134,12 +135,13 @@ def schedule_free_transform(
   Per parameter leaf, with lr the step's learning rate and s = lr_scale,
   d = weight_decay * lr_scale * weight_decay_scale * mask::
 
-      z' = z + z_step(g) - lr * d * y
+      z' = z + z_step(g) - lr * d * w        (w = y, or z with weight_decay_at="z")
       x' = x + c * (z' - x)
       y' = b1 * x' + (1 - b1) * z'
 
-  The z-step sees z - lr * d * y as its params (the reference wrapper decays
-  before the base step). With ``store_x=False`` the update is computed from
+  The z-step sees z - lr * d * w as its params (the reference wrapper decays
+  before the base step). Decay at z is a plain change of z: x and y follow from
+  the same interpolation, so the state stays a valid Schedule-Free state. With ``store_x=False`` the update is computed from
   (y, z) alone: y' - y = c (z' - y) + (1 - c) (1 - b1) (z' - z).
 
   Args:
@@ -153,6 +155,8 @@ def schedule_free_transform(
     lr_scales: per-parameter multipliers of the z-step (like torch param groups'
       lr).
     weight_decay_scales: per-parameter multipliers of weight_decay.
+    weight_decay_at: "y" (the reference) or "z" (the reference's
+      AdamWScheduleFreeReference with decay_at_z).
     state_dtype: dtype of z and x (and the z-step's buffers); None keeps the
       params' dtypes.
     store_x: keep x in the state (exact, free evaluation) or reconstruct it.
@@ -161,6 +165,8 @@ def schedule_free_transform(
     A ``GradientTransformationExtraArgs`` whose state is a
     :class:`ScheduleFreeState`.
   """
+  if weight_decay_at not in ("y", "z"):
+    raise ValueError(f'weight_decay_at must be "y" or "z", got {weight_decay_at!r}.')
   state_dtype = None if state_dtype is None else jnp.dtype(state_dtype)
   no_decay = _is_zero(weight_decay)
 
@@ -209,7 +215,7 @@ def schedule_free_transform(
     leaves_z = treedef.flatten_up_to(state.z)
     leaves_s = treedef.flatten_up_to(scales) if scales is not None else None
 
-    # Decoupled weight decay at y, per leaf: lr * weight_decay * d * y.
+    # Decoupled weight decay, per leaf: lr * weight_decay * d * (y or z).
     decay_factors = [0.0] * len(leaves_y)
     if not no_decay:
       parts = [
@@ -223,16 +229,19 @@ def schedule_free_transform(
           decay_factors = [a * b for a, b in zip(decay_factors, treedef.flatten_up_to(part))]
     decay_rate = lr * jnp.asarray(weight_decay, dtype)
 
-    def decayed(y, z, factor):
+    def decay_term(y, z, factor):
+      """lr * weight_decay * factor * (y or z), in the leaf's compute dtype."""
       if factor == 0.0:
-        return z
+        return None
       compute = jnp.promote_types(y.dtype, z.dtype)
-      step = (decay_rate * factor).astype(compute)
-      return (z.astype(compute) - step * y.astype(compute)).astype(z.dtype)
+      at = y if weight_decay_at == "y" else z
+      return (decay_rate * factor).astype(compute) * at.astype(compute)
 
-    z_seen = treedef.unflatten(
-        [decayed(y, z, f) for y, z, f in zip(leaves_y, leaves_z, decay_factors)]
-    )
+    decay_terms = [decay_term(*leaf) for leaf in zip(leaves_y, leaves_z, decay_factors)]
+    z_seen = treedef.unflatten([
+        z if term is None else (z.astype(term.dtype) - term).astype(z.dtype)
+        for z, term in zip(leaves_z, decay_terms)
+    ])
     grad_steps, base_state = z_step.update(
         updates,
         state.base_state,
@@ -246,12 +255,12 @@ def schedule_free_transform(
     leaves_x = treedef.flatten_up_to(state.x) if store_x else [None] * len(leaves_y)
 
     new_updates, new_z, new_x = [], [], []
-    for y, z, x, step, factor in zip(leaves_y, leaves_z, leaves_x, leaves_step, decay_factors):
+    for y, z, x, step, term in zip(leaves_y, leaves_z, leaves_x, leaves_step, decay_terms):
       compute = jnp.promote_types(y.dtype, z.dtype)
       y_c, z_c = y.astype(compute), z.astype(compute)
       delta = step.astype(compute)
-      if factor != 0.0:
-        delta = delta - (decay_rate * factor).astype(compute) * y_c
+      if term is not None:
+        delta = delta - term
       z_next = z_c + delta
       c_c, b1_c = c.astype(compute), b1_now.astype(compute)
       if store_x:

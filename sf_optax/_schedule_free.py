@@ -213,7 +213,6 @@ def schedule_free_transform(
     treedef = jax.tree.structure(params)
     leaves_y = treedef.flatten_up_to(params)
     leaves_z = treedef.flatten_up_to(state.z)
-    leaves_s = treedef.flatten_up_to(scales) if scales is not None else None
 
     # Decoupled weight decay, per leaf: lr * weight_decay * d * (y or z).
     decay_factors = [0.0] * len(leaves_y)

@@ -23,8 +23,13 @@ import jax
 import jax.numpy as jnp
 
 
-def bookkeeping_dtype(*dtypes: Any) -> jnp.dtype:
-  """float32, or float64 when any of ``dtypes`` is float64: never lower than float32."""
+def float32_or_wider(*dtypes: Any) -> jnp.dtype:
+  """float32, or float64 when any of ``dtypes`` is float64: never lower than float32.
+
+  The dtype of the scalar bookkeeping and of all arithmetic inside a step: bf16
+  rounds b2 = 0.999 to 1 and b1 = 0.9 to 0.898, so low-precision buffers are
+  only ever storage.
+  """
   result = jnp.dtype(jnp.float32)
   for dtype in dtypes:
     if dtype is not None and jnp.issubdtype(dtype, jnp.floating):

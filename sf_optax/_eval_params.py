@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sf_optax import _averaging
 from sf_optax._schedule_free import ScheduleFreeState
 
 
@@ -27,7 +28,7 @@ def find_schedule_free_states(opt_state: optax.OptState) -> list[ScheduleFreeSta
 
 
 def _x_from_y_and_z(y: jax.Array, z: jax.Array, b1: jax.Array) -> jax.Array:
-  compute = jnp.promote_types(y.dtype, z.dtype)
+  compute = _averaging.float32_or_wider(y.dtype, z.dtype)
   b1 = b1.astype(compute)
   return ((y.astype(compute) - (1 - b1) * z.astype(compute)) / b1).astype(y.dtype)
 

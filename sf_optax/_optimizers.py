@@ -77,35 +77,42 @@ def _adaptive_z_step(
   def init(params):
     return SecondMomentState(nu=optax.tree.zeros_like(params))
 
-  def update(updates, state, params, *, learning_rate, count, scales, **extra_args):
-    del params, extra_args
+  def directions(updates, nu_tree, learning_rate, count, scales):
+    """-lr * lr_scale * g / (sqrt(v / bc2) + eps) from the updated v."""
     dtype = learning_rate.dtype
     bias_correction2 = _averaging.bias_correction(b2, count, dtype)
     if rectify:
       _, adaptive = _rectification(b2, count, dtype, silent_sgd_phase)
 
     def direction(g, nu):
-      compute = jnp.promote_types(g.dtype, nu.dtype)
-      g = g.astype(compute)
-      b2_c = jnp.asarray(b2, dtype).astype(compute)
-      nu = b2_c * nu.astype(compute) + (1 - b2_c) * g * g
+      compute = _averaging.float32_or_wider(g.dtype, nu.dtype)
+      nu = nu.astype(compute)
       second = nu / bias_correction2.astype(compute) if bias_correct else nu
-      u = g / (jnp.sqrt(second) + jnp.asarray(eps, dtype).astype(compute))
+      denominator = jnp.sqrt(second) + jnp.asarray(eps, dtype).astype(compute)
       if rectify:
-        u = jnp.where(adaptive, u, g)
-      return u, nu
+        # Selecting the denominator, not u, keeps g read once.
+        denominator = jnp.where(adaptive, denominator, 1)
+      return g.astype(compute) / denominator
 
-    treedef = jax.tree.structure(updates)
-    pairs = [
-        direction(g, nu)
-        for g, nu in zip(treedef.flatten_up_to(updates), treedef.flatten_up_to(state.nu))
-    ]
-    leaves_nu = treedef.flatten_up_to(state.nu)
-    directions = treedef.unflatten([u for u, _ in pairs])
-    nu = treedef.unflatten([n.astype(old.dtype) for (_, n), old in zip(pairs, leaves_nu)])
-    return _scaled_steps(directions, learning_rate, scales), SecondMomentState(nu=nu)
+    return _scaled_steps(jax.tree.map(direction, updates, nu_tree), learning_rate, scales)
 
-  return _schedule_free.ZStep(init, update)
+  def update(updates, state, params, *, learning_rate, count, scales, **extra_args):
+    del params, extra_args
+
+    def second_moment(g, nu):
+      compute = _averaging.float32_or_wider(g.dtype, nu.dtype)
+      g = g.astype(compute)
+      b2_c = jnp.asarray(b2, learning_rate.dtype).astype(compute)
+      return (b2_c * nu.astype(compute) + (1 - b2_c) * g * g).astype(nu.dtype)
+
+    nu = jax.tree.map(second_moment, updates, state.nu)
+    steps = directions(updates, nu, learning_rate, count, scales)
+    return steps, SecondMomentState(nu=nu)
+
+  def recompute(updates, state, *, learning_rate, count, scales):
+    return directions(updates, state.nu, learning_rate, count, scales)
+
+  return _schedule_free.ZStep(init, update, recompute)
 
 
 def _check_adaptive(learning_rate, b1, b2, eps, weight_decay, r, weight_lr_power, warmup_steps=0):

@@ -55,10 +55,18 @@ class ZStepUpdate(Protocol):
 
 
 class ZStep(NamedTuple):
-  """How z moves: the direction of a built-in optimizer, or a wrapped Optax one."""
+  """How z moves: the direction of a built-in optimizer, or a wrapped Optax one.
+
+  ``recompute(updates, new_state, *, learning_rate, count, scales)``, when given,
+  returns the same steps as ``update`` from the state ``update`` returned. The
+  engine uses it on CPU, where XLA gives each output its own loop: rather than
+  materialising the steps in a params-sized temporary for the y and z loops to
+  share, each loop recomputes them from buffers it reads anyway.
+  """
 
   init: Callable[[optax.Params], optax.OptState]
   update: ZStepUpdate
+  recompute: Optional[Callable[..., optax.Updates]] = None
 
 
 ScalarOrSchedule = optax.ScalarOrSchedule
@@ -171,7 +179,7 @@ def schedule_free_transform(
   no_decay = _is_zero(weight_decay)
 
   def init_fn(params):
-    dtype = _averaging.bookkeeping_dtype(
+    dtype = _averaging.float32_or_wider(
         state_dtype, *(leaf.dtype for leaf in jax.tree.leaves(params))
     )
     z = _copy_as(params, state_dtype)
@@ -192,8 +200,9 @@ def schedule_free_transform(
           "Schedule-Free optimizers need params (the point y where the gradient was"
           " taken): call update(grads, state, params)."
       )
-    _validation.check_same_structure("grads", updates, "state.z", state.z)
-    _validation.check_same_structure("params", params, "state.z", state.z)
+    for name, tree in (("grads", updates), ("params", params)):
+      _validation.check_same_structure(name, tree, "state.z", state.z)
+      _validation.check_same_shapes(name, tree, "state.z", state.z)
     dtype = state.weight_sum.dtype
     count = state.count
     lr = jnp.asarray(learning_rate_fn(count, dtype), dtype)
@@ -232,7 +241,7 @@ def schedule_free_transform(
       """lr * weight_decay * factor * (y or z), in the leaf's compute dtype."""
       if factor == 0.0:
         return None
-      compute = jnp.promote_types(y.dtype, z.dtype)
+      compute = _averaging.float32_or_wider(y.dtype, z.dtype)
       at = y if weight_decay_at == "y" else z
       return (decay_rate * factor).astype(compute) * at.astype(compute)
 
@@ -251,15 +260,24 @@ def schedule_free_transform(
         **extra_args,
     )
     leaves_step = treedef.flatten_up_to(grad_steps)
+    leaves_step_for_y = leaves_step
+    if not store_x and z_step.recompute is not None:
+      leaves_step_for_y = treedef.flatten_up_to(
+          _steps_for_y(z_step, grad_steps, updates, base_state, lr, count, scales)
+      )
     leaves_x = treedef.flatten_up_to(state.x) if store_x else [None] * len(leaves_y)
 
     new_updates, new_z, new_x = [], [], []
-    for y, z, x, step, term in zip(leaves_y, leaves_z, leaves_x, leaves_step, decay_terms):
-      compute = jnp.promote_types(y.dtype, z.dtype)
+    for y, z, x, step, step_for_y, term in zip(
+        leaves_y, leaves_z, leaves_x, leaves_step, leaves_step_for_y, decay_terms
+    ):
+      compute = _averaging.float32_or_wider(y.dtype, z.dtype)
       y_c, z_c = y.astype(compute), z.astype(compute)
-      delta = step.astype(compute)
-      if term is not None:
-        delta = delta - term
+
+      def change_of_z(step):
+        return step.astype(compute) if term is None else step.astype(compute) - term
+
+      delta = change_of_z(step)
       z_next = z_c + delta
       c_c, b1_c = c.astype(compute), b1_now.astype(compute)
       if store_x:
@@ -271,8 +289,9 @@ def schedule_free_transform(
       else:
         # Written with z' rather than z so that no kernel reads the old z after
         # z' may have overwritten it in place (otherwise XLA copies z).
+        delta_for_y = change_of_z(step_for_y)
         new_updates.append(
-            (c_c * (z_next - y_c) + (1 - c_c) * (1 - b1_c) * delta).astype(y.dtype)
+            (c_c * (z_next - y_c) + (1 - c_c) * (1 - b1_c) * delta_for_y).astype(y.dtype)
         )
       new_z.append(z_next.astype(z.dtype))
 
@@ -289,6 +308,25 @@ def schedule_free_transform(
     return treedef.unflatten(new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _steps_for_y(z_step, steps, updates, base_state, learning_rate, count, scales):
+  """The z-step's steps for the y update: recomputed on CPU, shared elsewhere.
+
+  On CPU the optimization barrier stops XLA from merging the recomputation with
+  the original (which would bring back the shared temporary); on GPU and TPU,
+  where one kernel can write several outputs, the steps are simply shared.
+  """
+
+  def on_cpu(updates, base_state):
+    updates, base_state = jax.lax.optimization_barrier((updates, base_state))
+    return z_step.recompute(
+        updates, base_state, learning_rate=learning_rate, count=count, scales=scales
+    )
+
+  return jax.lax.platform_dependent(
+      updates, base_state, cpu=on_cpu, default=lambda updates, base_state: steps
+  )
 
 
 def check_common(b1, r, weight_lr_power, warmup_steps=0, **nonnegative) -> None:
@@ -387,7 +425,9 @@ def schedule_free(
     steps, state = base_optimizer.update(updates, state, params, **extra_args)
     if has_warmup:
       factor = _averaging.warmup_factor(count, warmup_steps, learning_rate.dtype)
-      steps = jax.tree.map(lambda s: s * factor.astype(s.dtype), steps)
+      steps = jax.tree.map(
+          lambda s: s * factor.astype(_averaging.float32_or_wider(s.dtype)), steps
+      )
     return steps, state
 
   return schedule_free_transform(

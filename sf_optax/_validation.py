@@ -111,3 +111,18 @@ def check_same_structure(name: str, tree: Any, state_name: str, state_tree: Any)
       + "; ".join(details)
       + "."
   )
+
+
+def check_same_shapes(name: str, tree: Any, state_name: str, state_tree: Any) -> None:
+  """Raises ValueError naming the first leaf whose shape differs from the state's.
+
+  Without it a (2,) gradient for a (3, 2) parameter would broadcast silently.
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  state_leaves = jax.tree.leaves(state_tree)
+  for (path, leaf), state_leaf in zip(leaves, state_leaves):
+    if np.shape(leaf) != np.shape(state_leaf):
+      raise ValueError(
+          f"{name}{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, but"
+          f" {state_name}{jax.tree_util.keystr(path)} has shape {np.shape(state_leaf)}."
+      )

@@ -1,5 +1,7 @@
 """sf_optax: Schedule-Free optimizers as Optax gradient transformations."""
 
+from sf_optax._adan import AdanState
+from sf_optax._adan import schedule_free_adan
 from sf_optax._eval_params import eval_params
 from sf_optax._optimizers import schedule_free_adamw
 from sf_optax._optimizers import schedule_free_adamw_paper
@@ -12,10 +14,12 @@ from sf_optax._schedule_free import ScheduleFreeState
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdanState",
     "ScheduleFreeState",
     "SecondMomentState",
     "eval_params",
     "schedule_free",
+    "schedule_free_adan",
     "schedule_free_adamw",
     "schedule_free_adamw_paper",
     "schedule_free_radam",

@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 
+import sf_optax
+
 from test_schedule_free_suite import OPTIMIZERS, every_optimizer, make_params
 
 

@@ -2,6 +2,10 @@
 
 from sf_optax._adan import AdanState
 from sf_optax._adan import schedule_free_adan
+from sf_optax._batch_norm import recompute_batch_stats
+from sf_optax._batch_norm import recompute_batch_stats_nnx
+from sf_optax._checkpoint import restore_checkpoint
+from sf_optax._checkpoint import save_checkpoint
 from sf_optax._eval_params import eval_params
 from sf_optax._optimizers import schedule_free_adamw
 from sf_optax._optimizers import schedule_free_adamw_paper
@@ -18,6 +22,10 @@ __all__ = (
     "ScheduleFreeState",
     "SecondMomentState",
     "eval_params",
+    "recompute_batch_stats",
+    "recompute_batch_stats_nnx",
+    "restore_checkpoint",
+    "save_checkpoint",
     "schedule_free",
     "schedule_free_adan",
     "schedule_free_adamw",

@@ -71,6 +71,7 @@ OPTIMIZERS = [
     Optimizer("adamw", sf_optax.schedule_free_adamw, 0.1, 0.03),
     Optimizer("adamw_paper", sf_optax.schedule_free_adamw_paper, 0.1, 0.01),
     Optimizer("radam", sf_optax.schedule_free_radam, 0.3, 0.03, has_warmup_steps=False),
+    Optimizer("adan", sf_optax.schedule_free_adan, 0.1, 0.03),
     Optimizer("wrapper_sgd", schedule_free_around_sgd, 0.1, 0.01),
     Optimizer("wrapper_adam", schedule_free_around_adam, 0.1, 0.03),
 ]

@@ -1,0 +1,60 @@
+"""Smoke tests for the examples of issues 6 and 7, with tiny settings.
+
+Each runs its example as a script in a fresh process (the sharded one needs 8
+virtual devices set before JAX starts): a minute or more on 2 cores, so they are
+marked slow (``python -m pytest -m slow``). The library pieces they exercise
+have their own fast tests.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def _run(script, tmp_path, *args, env=None):
+  out = tmp_path / script
+  result = subprocess.run(
+      [sys.executable, str(EXAMPLES / f"{script}.py"), *args, "--out", str(out), "--no-progress"],
+      capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  assert any(out.iterdir()), f"{script} wrote nothing under {out}"
+  return result.stdout
+
+
+def test_adan_comparison(tmp_path):
+  _run("adan_comparison", tmp_path, "--digits-steps", "4", "--lm-steps", "4", "--eval-every", "2",
+       "--digits-lrs", "0.01", "--lm-lrs", "0.01", "--width", "8", "--depth", "1",
+       "--seq-len", "8", "--lm-batch-size", "2", "--eval-batches", "1", "--warmup", "2",
+       "--digits-batch-size", "4")
+
+
+def test_depth_transfer(tmp_path):
+  _run("depth_transfer", tmp_path, "--depths", "1,2", "--base-depth", "1", "--lrs", "0.001,0.01",
+       "--steps", "4", "--warmup", "2", "--width", "8", "--heads", "2", "--seq-len", "8",
+       "--batch-size", "2", "--val-batches", "1")
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_batch_norm_digits(tmp_path, api):
+  _run("batch_norm_digits", tmp_path, "--api", api, "--epochs", "1", "--num-batches", "2")
+
+
+def test_sharded_training(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  stdout = _run("sharded_training", tmp_path, "--width", "16", "--depth", "1", "--heads", "2",
+                "--seq-len", "8", "--batch-size", "8", "--steps", "3", "--eval-every", "3",
+                "--warmup", "1", "--base-width", "8", "--compare-single-device", env=env)
+  assert stdout

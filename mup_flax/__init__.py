@@ -1,5 +1,6 @@
 """μP (Tensor Programs V) for Flax, Linen and NNX."""
 
+from mup_flax import coord_check
 from mup_flax import init
 from mup_flax import nnx
 from mup_flax._annotate import get_infshapes
@@ -36,6 +37,7 @@ __all__ = (
     "MuReadout",
     "MuSharedReadout",
     "attention_scale",
+    "coord_check",
     "depth_multiplier",
     "depth_scaled",
     "depth_scales",

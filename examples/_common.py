@@ -1,0 +1,372 @@
+"""Shared helpers of the examples: data, models, output.
+
+Data sets need no download: scikit-learn's bundled ``load_digits`` (8x8 images of
+handwritten digits) and a character corpus made of the Python standard library's
+own source files (present wherever Python is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mup_flax
+
+# ---------------------------------------------------------------------------
+# Digits.
+# ---------------------------------------------------------------------------
+
+
+def load_digits_splits(seed: int = 0, test_fraction: float = 0.3, val_fraction: float = 0.2):
+  """scikit-learn's digits, split into train / val / test (stratified, fixed seed).
+
+  The test split is held out from everything else; the validation split (taken
+  out of the remaining data) is what learning rates are chosen on.
+
+  Returns:
+    A dict with ``x_train, y_train, x_val, y_val, x_test, y_test``: images as
+    float32 arrays of shape (n, 8, 8, 1) scaled to [0, 1], labels as int32.
+  """
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = load_digits()
+  x = (digits.images / 16.0).astype(np.float32)[..., None]
+  y = digits.target.astype(np.int32)
+  x_rest, x_test, y_rest, y_test = train_test_split(
+      x, y, test_size=test_fraction, random_state=seed, stratify=y
+  )
+  x_train, x_val, y_train, y_val = train_test_split(
+      x_rest, y_rest, test_size=val_fraction, random_state=seed, stratify=y_rest
+  )
+  return dict(
+      x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test
+  )
+
+
+# ---------------------------------------------------------------------------
+# Character corpus from the standard library's source.
+# ---------------------------------------------------------------------------
+
+# A fixed list of pure-Python standard library modules (present in 3.10 .. 3.13);
+# the ones a given Python lacks are skipped.
+STDLIB_FILES = (
+    "argparse.py",
+    "ast.py",
+    "base64.py",
+    "bisect.py",
+    "calendar.py",
+    "collections/__init__.py",
+    "configparser.py",
+    "contextlib.py",
+    "copy.py",
+    "csv.py",
+    "dataclasses.py",
+    "datetime.py",
+    "difflib.py",
+    "enum.py",
+    "fractions.py",
+    "functools.py",
+    "glob.py",
+    "gzip.py",
+    "heapq.py",
+    "inspect.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "logging/__init__.py",
+    "operator.py",
+    "os.py",
+    "pprint.py",
+    "queue.py",
+    "random.py",
+    "shutil.py",
+    "statistics.py",
+    "string.py",
+    "tempfile.py",
+    "textwrap.py",
+    "threading.py",
+    "typing.py",
+    "weakref.py",
+    "zipfile.py",
+)
+
+VOCAB_SIZE = 128  # ASCII; other characters map to "?"
+
+
+def stdlib_corpus(max_chars: int | None = None) -> str:
+  """The concatenated source of :data:`STDLIB_FILES` (ASCII), at most ``max_chars``."""
+  root = pathlib.Path(os.__file__).parent
+  parts = []
+  for name in STDLIB_FILES:
+    path = root / name
+    if path.is_file():
+      parts.append(path.read_text(encoding="utf-8", errors="replace"))
+  text = "\n\n".join(parts)
+  text = "".join(c if ord(c) < VOCAB_SIZE else "?" for c in text)
+  return text[:max_chars] if max_chars else text
+
+
+def encode(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int32)
+
+
+def decode(tokens: Iterable[int]) -> str:
+  return "".join(chr(int(t)) for t in tokens)
+
+
+def char_splits(max_chars: int | None = 400_000, val_fraction: float = 0.1):
+  """Train / validation token arrays (the last ``val_fraction`` of the corpus is val)."""
+  tokens = encode(stdlib_corpus(max_chars))
+  n_val = int(len(tokens) * val_fraction)
+  return tokens[:-n_val], tokens[-n_val:]
+
+
+def char_batch(key, tokens, batch_size: int, seq_len: int):
+  """A random batch of (inputs, targets) windows, inside jit."""
+  tokens = jnp.asarray(tokens)
+  starts = jax.random.randint(key, (batch_size,), 0, tokens.shape[0] - seq_len - 1)
+  idx = starts[:, None] + jnp.arange(seq_len + 1)[None, :]
+  windows = tokens[idx]
+  return windows[:, :-1], windows[:, 1:]
+
+
+def fixed_char_batches(tokens, n_batches: int, batch_size: int, seq_len: int, seed: int = 0):
+  """Deterministic evaluation windows: arrays (n_batches, batch_size, seq_len)."""
+  rng = np.random.default_rng(seed)
+  starts = rng.integers(0, len(tokens) - seq_len - 1, size=(n_batches, batch_size))
+  idx = starts[..., None] + np.arange(seq_len + 1)
+  windows = np.asarray(tokens)[idx]
+  return windows[..., :-1], windows[..., 1:]
+
+
+# ---------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {str(k): to_jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_jsonable(v) for v in value]
+  if isinstance(value, np.ndarray) or hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
+    return to_jsonable(np.asarray(value).tolist())
+  if isinstance(value, (np.floating, float)):
+    value = float(value)
+    return float(f"{value:.7g}") if np.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(to_jsonable(data), indent=1) + "\n")
+
+
+def pyplot():
+  """matplotlib.pyplot with a file-only backend."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+  parser.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
+  parser.add_argument(
+      "--no-progress", action="store_true", help="hide the tqdm progress bar"
+  )
+
+
+def progress(total: int, desc: str, disable: bool = False):
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr)
+
+
+def environment() -> dict:
+  return dict(
+      python=sys.version.split()[0],
+      jax=jax.__version__,
+      backend=jax.default_backend(),
+      devices=str(jax.devices()),
+      cpu_count=os.cpu_count(),
+      time=time.strftime("%Y-%m-%d %H:%M:%S"),
+  )
+
+
+def log2_grid(center: float, half_width: int) -> list[float]:
+  """Powers of two: center * 2**k for k in -half_width..half_width."""
+  return [float(center * 2.0**k) for k in range(-half_width, half_width + 1)]
+
+
+def parse_floats(text: str) -> list[float]:
+  return [float(t) for t in text.split(",") if t]
+
+
+def parse_ints(text: str) -> list[int]:
+  return [int(t) for t in text.split(",") if t]
+
+
+def stack_trees(trees: Sequence[Any]):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def timer() -> Callable[[], float]:
+  start = time.perf_counter()
+  return lambda: time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------
+# Models shared by the examples (Linen). ``mup=True`` gives the μP version
+# (MuReadout, 1/d attention, zero-initialized query); wrap it in
+# ``mup_flax.MuP`` (see :func:`mup_model`). ``mup=False`` is the standard
+# parametrization (SP) with Flax's default initializers.
+# ---------------------------------------------------------------------------
+
+def readout(features: int, mup: bool, **kwargs):
+  if mup:
+    return mup_flax.MuReadout(features, name="readout", **kwargs)
+  return nn.Dense(features, name="readout")
+
+
+class MLP(nn.Module):
+  """input -> relu -> hidden -> relu -> readout, two width-sized layers."""
+
+  width: int
+  num_classes: int = 10
+  mup: bool = True
+  output_mult: float = 1.0
+  readout_zero_init: bool = False  # μP only
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.width, name="input")(x))
+    x = nn.relu(nn.Dense(self.width, name="hidden")(x))
+    kwargs = (dict(output_mult=self.output_mult, readout_zero_init=self.readout_zero_init)
+              if self.mup else {})
+    return readout(self.num_classes, self.mup, **kwargs)(x)
+
+
+class CausalSelfAttention(nn.Module):
+  width: int
+  heads: int
+  mup: bool
+  base_head_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, _ = x.shape
+    head_dim = self.width // self.heads
+    query_init = nn.initializers.zeros_init() if self.mup else nn.linear.default_kernel_init
+    split = lambda y: y.reshape(b, t, self.heads, head_dim)  # noqa: E731
+    q = split(nn.Dense(self.width, kernel_init=query_init, name="query")(x))
+    k = split(nn.Dense(self.width, name="key")(x))
+    v = split(nn.Dense(self.width, name="value")(x))
+    if self.mup:  # 1/d: logits stay O(1) as the head dimension grows
+      scale = mup_flax.attention_scale(head_dim, base_head_dim=self.base_head_dim)
+    else:
+      scale = 1.0 / math.sqrt(head_dim)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    attn = jax.nn.softmax(logits, axis=-1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, self.width)
+    return nn.Dense(self.width, name="out")(y)
+
+
+class FeedForward(nn.Module):
+  width: int
+  ff_mult: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(nn.Dense(self.ff_mult * self.width, name="fc1")(x))
+    return nn.Dense(self.width, name="fc2")(x)
+
+
+class Block(nn.Module):
+  width: int
+  heads: int
+  mup: bool
+  base_head_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + CausalSelfAttention(self.width, self.heads, self.mup, self.base_head_dim,
+                                name="attn")(nn.LayerNorm(name="ln1")(x))
+    return x + FeedForward(self.width, name="mlp")(nn.LayerNorm(name="ln2")(x))
+
+
+class CharTransformer(nn.Module):
+  """A decoder-only (GPT-style, pre-LayerNorm) Transformer over ASCII characters.
+
+  ``heads`` is fixed, so the head dimension grows with ``width``;
+  ``base_width`` is the width at which μP's 1/d attention equals the standard
+  1/sqrt(d) (``mup_flax.attention_scale(d, base_head_dim=base_width // heads)``).
+  """
+
+  width: int = 128
+  depth: int = 2
+  heads: int = 4
+  seq_len: int = 64
+  vocab: int = VOCAB_SIZE
+  mup: bool = True
+  base_width: int = 32
+  output_mult: float = 1.0
+  readout_zero_init: bool = False  # μP only
+
+  @nn.compact
+  def __call__(self, tokens):
+    t = tokens.shape[1]
+    x = nn.Embed(self.vocab, self.width, name="embed")(tokens)
+    x = x + nn.Embed(self.seq_len, self.width, name="pos_embed")(jnp.arange(t))[None]
+    for i in range(self.depth):
+      x = Block(self.width, self.heads, self.mup, self.base_width // self.heads,
+                name=f"block_{i}")(x)
+    x = nn.LayerNorm(name="ln_f")(x)
+    kwargs = (dict(output_mult=self.output_mult, readout_zero_init=self.readout_zero_init)
+              if self.mup else {})
+    return readout(self.vocab, self.mup, **kwargs)(x)
+
+
+def mup_model(make: Callable[[int], nn.Module], width: int, base_width: int) -> mup_flax.MuP:
+  """``mup_flax.MuP(make(width), base=make(base_width), delta=make(2 * base_width))``."""
+  return mup_flax.MuP(make(width), base=make(base_width), delta=make(2 * base_width))
+
+
+def init_model(make: Callable[[int], nn.Module], width: int, base_width: int, mup: bool,
+               key, example):
+  """(apply_fn, plain params, infshapes or None) of a width-``width`` model.
+
+  μP: ``make`` builds the μP model, wrapped in :class:`mup_flax.MuP` with base
+  width ``base_width``; parameters come back unboxed (the wrapper re-annotates
+  them in ``apply``) with their infshapes for the optimizer. SP: Flax's init.
+  """
+  if mup:
+    model = mup_model(make, width, base_width)
+    boxed = model.init(key, example)["params"]
+    infshapes = mup_flax.get_infshapes(boxed)
+    params = nn.unbox(boxed)
+  else:
+    model = make(width)
+    params = model.init(key, example)["params"]
+    infshapes = None
+  apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  return apply, params, infshapes

@@ -16,3 +16,17 @@ def x64():
     yield
   finally:
     jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture(autouse=True)
+def _float64_does_not_leak(request):
+  """A test that turns on float64 must turn it off: later tests and doctests assume float32."""
+  yield
+  if jax.config.jax_enable_x64 and "x64" not in request.fixturenames:
+    jax.config.update("jax_enable_x64", False)
+    pytest.fail(f"{request.node.nodeid} left jax_enable_x64 on")
+
+
+# The fixture generators import torch and the PyTorch references: they are run by
+# hand (tests/reference/README.md), never collected.
+collect_ignore = ["reference"]

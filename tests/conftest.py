@@ -27,6 +27,7 @@ def _float64_does_not_leak(request):
     pytest.fail(f"{request.node.nodeid} left jax_enable_x64 on")
 
 
-# The fixture generators import torch and the PyTorch references: they are run by
-# hand (tests/reference/README.md), never collected.
-collect_ignore = ["reference"]
+# Never imported by the test process: the fixture generators import torch and the
+# PyTorch references (run by hand, tests/reference/README.md), and the sharding
+# worker turns on float64 and 8 devices for its own subprocess.
+collect_ignore = ["reference", "_sharding_worker.py"]

@@ -32,23 +32,6 @@ import jax.numpy as jnp
 from mup_flax import _box
 from mup_flax._infshape import InfShape
 
-__all__ = [
-    "InitRule",
-    "glorot_normal",
-    "glorot_uniform",
-    "he_normal",
-    "he_uniform",
-    "kaiming_normal",
-    "kaiming_uniform",
-    "lecun_normal",
-    "lecun_uniform",
-    "normal",
-    "truncated_normal",
-    "uniform",
-    "variance_scaling",
-    "xavier_normal",
-    "xavier_uniform",
-]
 
 _MODES = ("fan_in", "fan_out", "fan_avg")
 

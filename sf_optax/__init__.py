@@ -1,6 +1,5 @@
 """sf_optax: Schedule-Free optimizers as Optax gradient transformations."""
 
-from sf_optax._adan import AdanState
 from sf_optax._adan import schedule_free_adan
 from sf_optax._batch_norm import recompute_batch_stats
 from sf_optax._batch_norm import recompute_batch_stats_nnx
@@ -11,11 +10,12 @@ from sf_optax._optimizers import schedule_free_adamw
 from sf_optax._optimizers import schedule_free_adamw_paper
 from sf_optax._optimizers import schedule_free_radam
 from sf_optax._optimizers import schedule_free_sgd
-from sf_optax._optimizers import SecondMomentState
 from sf_optax._per_parameter import parameter_path_name
 from sf_optax._per_parameter import per_parameter_values
-from sf_optax._schedule_free import schedule_free
 from sf_optax._schedule_free import ScheduleFreeState
+from sf_optax._wrapper import schedule_free
+from sf_optax._z_steps import AdanState
+from sf_optax._z_steps import SecondMomentState
 
 __version__ = "0.1.0"
 

@@ -7,15 +7,12 @@ Resumes like a preempted run (from the latest committed step + 1) and prints
 or wait_until_finished has returned, i.e. once it is committed).
 """
 
-import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax.numpy as jnp
+import numpy as np
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import sf_optax  # noqa: E402
+import sf_optax
 
 
 def state_at(step: int) -> dict:

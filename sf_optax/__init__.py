@@ -1,5 +1,7 @@
 """sf_optax: Schedule-Free optimizers as Optax gradient transformations."""
 
+import importlib
+
 from sf_optax._adan import AdanState
 from sf_optax._adan import schedule_free_adan
 from sf_optax._batch_norm import recompute_batch_stats
@@ -21,6 +23,7 @@ __all__ = (
     "AdanState",
     "ScheduleFreeState",
     "SecondMomentState",
+    "eval_model",
     "eval_params",
     "recompute_batch_stats",
     "recompute_batch_stats_nnx",
@@ -33,3 +36,22 @@ __all__ = (
     "schedule_free_radam",
     "schedule_free_sgd",
 )
+
+# Names whose modules import Flax: loaded on first access (PEP 562), so that
+# `import sf_optax` does not import it.
+_LAZY = {
+    "eval_model": "sf_optax._nnx",
+}
+
+
+def __getattr__(name):
+  module = _LAZY.get(name)
+  if module is None:
+    raise AttributeError(f"module 'sf_optax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(module), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))

@@ -275,3 +275,27 @@ def test_import_sf_optax_does_not_import_flax():
           " f = sf_optax.eval_model; assert f.__module__ == 'sf_optax._nnx';"
           " assert 'eval_model' in dir(sf_optax)")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class Tied(nnx.Module):
+  """An embedding table shared with the readout: one Variable at two places."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(5, 4, rngs=rngs)
+    self.readout = nnx.Linear(4, 5, rngs=rngs)
+    self.readout.kernel = self.embed.embedding
+
+  def __call__(self, ids):
+    return self.embed(ids) @ self.readout.kernel[...].T + self.readout.bias[...][None]
+
+
+def test_shared_variables_stay_shared_in_the_copy():
+  model = Tied(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, sf_optax.schedule_free_adamw(0.1), wrt=nnx.Param)
+  for _ in range(2):
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(jnp.arange(3)) ** 2))(model))
+  model_x = nnx.jit(sf_optax.eval_model)(model, optimizer)
+  assert model_x.readout.kernel is model_x.embed.embedding
+  assert model_x.embed.embedding is not model.embed.embedding
+  assert_tree_equal(params_of(model_x),
+                    sf_optax.eval_params(nnx.as_pure(optimizer.opt_state), params_of(model)))

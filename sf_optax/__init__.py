@@ -1,11 +1,9 @@
 """sf_optax: Schedule-Free optimizers as Optax gradient transformations.
 
-The checkpoint (Orbax) and BatchNorm (Flax) helpers are loaded on first use
+The checkpoint (Orbax), BatchNorm and NNX (Flax) helpers are loaded on first use
 (PEP 562 module ``__getattr__``): ``import sf_optax`` imports neither Orbax,
 TensorStore nor Flax, so an Optax-only user never pays for them.
 """
-
-import importlib
 
 import importlib
 
@@ -26,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CheckpointError": "sf_optax._checkpoint",
     "CheckpointManager": "sf_optax._checkpoint",
+    "eval_model": "sf_optax._nnx",
     "recompute_batch_stats": "sf_optax._batch_norm",
     "recompute_batch_stats_nnx": "sf_optax._batch_norm",
     "restore_checkpoint": "sf_optax._checkpoint",
@@ -64,22 +63,3 @@ __all__ = (
     "schedule_free_radam",
     "schedule_free_sgd",
 )
-
-# Names whose modules import Flax: loaded on first access (PEP 562), so that
-# `import sf_optax` does not import it.
-_LAZY = {
-    "eval_model": "sf_optax._nnx",
-}
-
-
-def __getattr__(name):
-  module = _LAZY.get(name)
-  if module is None:
-    raise AttributeError(f"module 'sf_optax' has no attribute {name!r}")
-  value = getattr(importlib.import_module(module), name)
-  globals()[name] = value
-  return value
-
-
-def __dir__():
-  return sorted(set(globals()) | set(_LAZY))

@@ -3,7 +3,8 @@
 A Flax NNX model whose every param carries ``nnx.with_partitioning`` metadata,
 annotated for muP (``mup_flax.nnx.set_base_shapes``), trained FSDP-style with a
 Schedule-Free optimizer scaled by ``mup_flax.schedule_free_scales``, on 8
-virtual CPU devices; compared with the same run on one device (float64)::
+virtual CPU devices; compared with the same run on one device (float64); and
+checkpointed, then restored into an abstract sharded model::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_sharding_nnx_worker.py [CASE ...]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 import traceback
 
@@ -30,6 +32,7 @@ from _sharding_worker import sync
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
@@ -157,6 +160,60 @@ def case_mup_fsdp_eval_model():
     )
     assert errors[name] <= TOLERANCE, (name, errors[name])
   return {"rel_error": errors, "state_leaves_checked": checked}
+
+
+def _bitwise_equal(a, b) -> bool:
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  return all(np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True)
+             for u, v in zip(leaves_a, leaves_b, strict=True))
+
+
+def case_checkpoint_resume_sharded():
+  """A sharded NNX model and optimizer restored into an abstract sharded target.
+
+  ``nnx.get_abstract_model`` builds the target (no arrays, the metadata's
+  shardings); the restored leaves have the running ones' shardings and values
+  (bitwise), and the resumed run equals the uninterrupted one bitwise.
+  """
+  mesh = fsdp_mesh()
+  shapes = base_shapes()
+
+  def build(seed):
+    model = mup_flax.nnx.set_base_shapes(Net(WIDTH, nnx.Rngs(seed)), shapes)
+    return model, make_optimizer(model, store_x=True)
+
+  with jax.set_mesh(mesh), nnx.use_eager_sharding(True), \
+      tempfile.TemporaryDirectory() as directory:
+    model, optimizer = build(0)
+    x, y = jax.device_put(data(), NamedSharding(mesh, P("fsdp")))
+    for _ in range(2):
+      sync(train_step(model, optimizer, x, y))
+    saved = nnx.as_pure(nnx.state((model, optimizer)))
+    with sf_optax.CheckpointManager(directory) as manager:
+      manager.save(2, nnx.state((model, optimizer)))
+    for _ in range(2):
+      sync(train_step(model, optimizer, x, y))
+
+    graphdef, abstract = nnx.get_abstract_model(lambda: build(1), mesh)
+    with sf_optax.CheckpointManager(directory) as manager:
+      fresh, fresh_optimizer = nnx.merge(graphdef, manager.restore(abstract))
+    restored = nnx.as_pure(nnx.state((fresh, fresh_optimizer)))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
+      assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+    assert _bitwise_equal(restored, saved)
+    params = params_of(fresh)
+    assert sharded_leaves(params) == 4
+    checked = check_params_shardings("restored opt_state", params,
+                                     nnx.as_pure(fresh_optimizer.opt_state))
+    assert mup_flax.get_infshapes(fresh) == mup_flax.get_infshapes(model)
+    for _ in range(2):
+      sync(train_step(fresh, fresh_optimizer, x, y))
+    assert _bitwise_equal(nnx.as_pure(nnx.state((fresh, fresh_optimizer))),
+                          nnx.as_pure(nnx.state((model, optimizer))))
+    assert _bitwise_equal(params_of(eval_model_jit(fresh, fresh_optimizer)),
+                          params_of(eval_model_jit(model, optimizer)))
+  return {"state_leaves_checked": checked}
 
 
 CASES = {

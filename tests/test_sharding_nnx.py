@@ -54,3 +54,8 @@ def test_mup_schedule_free_fsdp_equals_one_device_and_eval_model_keeps_shardings
   assert max(record["rel_error"].values()) <= 1e-12
   # 6 params: z, x and the second moments (store_x=True), z and the second moments.
   assert record["state_leaves_checked"] == {"store_x=True": 18, "store_x=False": 12}
+
+
+def test_sharded_checkpoint_restores_into_an_abstract_model_and_resumes_bitwise(worker_output):
+  record = case(worker_output, "checkpoint_resume_sharded")
+  assert record["state_leaves_checked"] == 18

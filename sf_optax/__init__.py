@@ -1,6 +1,6 @@
 """sf_optax: Schedule-Free optimizers as Optax gradient transformations.
 
-The checkpoint (Orbax) and BatchNorm (Flax) helpers are loaded on first use
+The checkpoint (Orbax), BatchNorm and NNX (Flax) helpers are loaded on first use
 (PEP 562 module ``__getattr__``): ``import sf_optax`` imports neither Orbax,
 TensorStore nor Flax, so an Optax-only user never pays for them.
 """
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CheckpointError": "sf_optax._checkpoint",
     "CheckpointManager": "sf_optax._checkpoint",
+    "eval_model": "sf_optax._nnx",
     "recompute_batch_stats": "sf_optax._batch_norm",
     "recompute_batch_stats_nnx": "sf_optax._batch_norm",
     "restore_checkpoint": "sf_optax._checkpoint",
@@ -49,6 +50,7 @@ __all__ = (
     "CheckpointManager",
     "ScheduleFreeState",
     "SecondMomentState",
+    "eval_model",
     "eval_params",
     "recompute_batch_stats",
     "recompute_batch_stats_nnx",

@@ -289,6 +289,11 @@ def _abstract(ocp, leaf):
   if _is_python_scalar(leaf):
     return leaf
   if isinstance(leaf, jax.ShapeDtypeStruct):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      # What Orbax makes of a key array (an NNX Rngs stream, say): its key data,
+      # uint32, restored as keys. An abstract one (nnx.eval_shape) must match it.
+      data = jax.eval_shape(jax.random.key_data, leaf)
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=leaf.sharding)
     return leaf
   if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
     raise TypeError(f"target leaf of type {type(leaf).__name__} is not an array,"

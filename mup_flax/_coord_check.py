@@ -25,9 +25,10 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from mup_flax import _annotate
+from mup_flax import _base_shapes
+from mup_flax import _metadata
 from mup_flax import _optimizers
-from mup_flax import _wrapper
+from mup_flax import _linen
 
 __all__ = ["get_coord_data", "plot_coord_data", "coord_slopes"]
 
@@ -60,13 +61,10 @@ def _linen_outputs(tree: Mapping, prefix: tuple = ()) -> dict[str, Any]:
 def _nnx_outputs(state: Any) -> dict[str, Any]:
   """{module path: output of its last ``__call__``} from ``nnx.capture``'s intermediates."""
   out = {}
-  leaves = jax.tree_util.tree_flatten_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-  for path, leaf in leaves:
-    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  for keys, leaf in _metadata.parameters(state)[0]:
     if not keys or keys[-1] != "__call__":
       continue
-    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    value = leaf.get_value() if _metadata.is_variable(leaf) else leaf
     if isinstance(value, tuple):
       if not value:
         continue
@@ -94,7 +92,7 @@ def _stats(outputs: dict[str, Any], include_root: bool) -> dict[str, tuple[float
 def _annotated_infshapes(params: Any) -> Any | None:
   """The params' InfShape tree, or None for a model without μP annotations (SP)."""
   try:
-    return _annotate.get_infshapes(params)
+    return _base_shapes.get_infshapes(params)
   except (ValueError, TypeError):
     return None
 
@@ -271,7 +269,7 @@ def get_coord_data(
       first_inputs, _ = _split_batch(batches[0])
       if isinstance(model, nnx.Module):
         runner = _NNXRunner(model, s, first_inputs)
-      elif isinstance(model, (nn.Module, _wrapper.MuP)):
+      elif isinstance(model, (nn.Module, _linen.MuP)):
         runner = _LinenRunner(model, s, first_inputs)
       else:
         raise TypeError(

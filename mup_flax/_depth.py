@@ -45,10 +45,8 @@ from typing import Any, NamedTuple
 import jax
 import optax
 from flax import nnx
-from flax.core import meta
 
-from mup_flax import _paths
-from mup_flax._infshape import InfShape
+from mup_flax import _metadata
 
 __all__ = [
     "DepthScales",
@@ -105,19 +103,6 @@ class DepthScales(NamedTuple):
 
   lr_scales: Any  # (L/L0)^(alpha-1) in the residual blocks, 1.0 elsewhere
   eps_scales: Any  # (L/L0)^(-alpha) in the residual blocks, 1.0 elsewhere
-
-
-def _is_annotated_leaf(x: Any) -> bool:
-  return isinstance(x, (InfShape, nnx.Variable)) or meta.is_axis_metadata(x)
-
-
-def _plain_tree(params: Any) -> Any:
-  """The tree an optimizer sees: NNX modules/states made pure, Linen boxes unboxed."""
-  if isinstance(params, nnx.Module):
-    params = nnx.state(params, nnx.Param)
-  if isinstance(params, nnx.State):
-    return nnx.as_pure(params)
-  return meta.unbox(params)
 
 
 def _block_test(in_blocks: str | Callable[[str], bool]) -> Callable[[str], bool]:
@@ -183,11 +168,14 @@ def depth_scales(
   lr_scale = depth_mult ** (float(alpha) - 1.0)
   eps_scale = depth_mult ** (-float(alpha))
   in_block = _block_test(in_blocks)
-  tree = _plain_tree(params)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_annotated_leaf)
-  members = [in_block(_paths.path_str(_paths.normalize(path))) for path, _ in flat]
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Param)
+  # One value per parameter: a Linen box or nnx.Variable becomes the float
+  # itself, the tree an optimizer sees (unboxed, or made pure by nnx.Optimizer).
+  flat, treedef = _metadata.parameters(params)
+  members = [in_block(_metadata.path_name(path)) for path, _ in flat]
   if flat and not any(members):
-    examples = ", ".join(_paths.path_str(_paths.normalize(path)) for path, _ in flat[:4])
+    examples = ", ".join(_metadata.path_name(path) for path, _ in flat[:4])
     raise ValueError(
         f"depth_scales: no parameter path matches in_blocks={in_blocks!r} (paths look"
         f" like: {examples}).")

@@ -31,11 +31,9 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from flax.core import meta
 
-from mup_flax import _paths
-from mup_flax._annotate import get_infshapes
+from mup_flax import _metadata
+from mup_flax._base_shapes import get_infshapes
 from mup_flax._infshape import InfShape
 
 __all__ = [
@@ -73,31 +71,9 @@ def _check_rule(rule: str) -> None:
                      f"updates; 'sgd' for SGD-like ones), got {rule!r}.")
 
 
-def _is_annotation(x: Any) -> bool:
-  return isinstance(x, (InfShape, nnx.Variable)) or meta.is_axis_metadata(x)
-
-
-def _is_parameter_node(x: Any) -> bool:
-  return isinstance(x, nnx.Variable) or meta.is_axis_metadata(x)
-
-
-def _as_infshape_tree(infshapes: Any) -> Any:
-  """A tree of InfShape from one, or from annotated params (Linen boxes, NNX)."""
-  if isinstance(infshapes, nnx.Module):
-    return get_infshapes(infshapes)
-  leaves = jax.tree.leaves(infshapes, is_leaf=_is_annotation)
-  if leaves and all(isinstance(leaf, InfShape) for leaf in leaves):
-    return infshapes
-  # Boxed Linen params or an annotated NNX state: read the annotations (this
-  # raises, naming the parameter, when one carries none).
-  return get_infshapes(infshapes)
-
-
-def _flat_infshapes(infshapes: Any) -> dict[_paths.Path, InfShape]:
+def _flat_infshapes(infshapes: Any) -> dict[_metadata.Path, InfShape]:
   """``{path: InfShape}``; paths are spelled the same for dict, FrozenDict and nnx.State."""
-  flat = jax.tree_util.tree_flatten_with_path(
-      _as_infshape_tree(infshapes), is_leaf=lambda x: isinstance(x, InfShape))[0]
-  return {_paths.normalize(path): leaf for path, leaf in flat}
+  return dict(_metadata.parameters(get_infshapes(infshapes))[0])
 
 
 class _PerParameter:
@@ -114,18 +90,18 @@ class _PerParameter:
                   for path, infshape in _flat_infshapes(infshapes).items()}
 
   def _value(self, path: Any, node: Any) -> float:
-    path = _paths.normalize(path)
+    path = _metadata.path_names(path)
     shape = tuple(jax.tree.leaves(node)[0].shape)
     entry = self.table.get(path)
     if entry is None:
       raise ValueError(
-          f"{self.owner}: parameter {_paths.path_str(path)} (shape {shape}) has no InfShape in "
+          f"{self.owner}: parameter {_metadata.path_name(path)} (shape {shape}) has no InfShape in "
           "the infshapes tree: build the tree with mup_flax.get_infshapes(params) from the "
           "parameters the optimizer updates.")
     infshape, value = entry
     if shape != infshape.shape:
       raise ValueError(
-          f"{self.owner}: parameter {_paths.path_str(path)} has shape {shape} but its InfShape "
+          f"{self.owner}: parameter {_metadata.path_name(path)} has shape {shape} but its InfShape "
           f"{infshape} is for shape {infshape.shape}: the infshapes tree belongs to another "
           "model or width.")
     return value
@@ -136,7 +112,7 @@ class _PerParameter:
     Raises a ``ValueError`` naming the parameter when one has no InfShape or
     a shape other than its InfShape's.
     """
-    return jax.tree_util.tree_map_with_path(self._value, tree, is_leaf=_is_parameter_node)
+    return jax.tree_util.tree_map_with_path(self._value, tree, is_leaf=_metadata.is_parameter)
 
   def map(self, fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
     """``fn(value, leaf, *rest_leaves)`` for every array leaf of every parameter."""
@@ -497,9 +473,8 @@ def schedule_free_scales(
   >>> tx = sf_optax.schedule_free_adamw(1e-2, weight_decay=0.1, **scales)
   """
   _check_rule(rule)
-  tree = _as_infshape_tree(infshapes)
-  is_leaf = lambda x: isinstance(x, InfShape)
+  tree = get_infshapes(infshapes)
   return {
-      name: jax.tree.map(lambda s: _multipliers(s, rule, decoupled_wd)[index], tree, is_leaf=is_leaf)
+      name: jax.tree.map(lambda s: _multipliers(s, rule, decoupled_wd)[index], tree)
       for index, name in enumerate(("lr_scales", "weight_decay_scales"))
   }

@@ -33,7 +33,8 @@ def base_shapes(cls=MLP, base=16, delta=32, **kw):
 
 def annotated(width, seed=0, cls=MLP, base=16, **kw):
   model = cls(width, nnx.Rngs(seed), **kw)
-  return mup_flax.nnx.set_base_shapes(model, base_shapes(cls, base=base, delta=2 * base, **kw))
+  return mup_flax.nnx.set_base_shapes(model, base_shapes(cls, base=base, delta=2 * base, **kw),
+                                      rescale_params=True)
 
 
 def params_of(model):
@@ -46,7 +47,7 @@ def tree_equal(a, b):
 
 def test_annotates_in_place_with_metadata():
   model = MLP(64, nnx.Rngs(0))
-  same = mup_flax.nnx.set_base_shapes(model, base_shapes())
+  same = mup_flax.nnx.set_base_shapes(model, base_shapes(), rescale_params=True)
   assert same is model
   assert model.hidden.kernel.get_metadata("infshape") == InfShape([InfDim(16, 64)] * 2)
   assert model.out.kernel.get_metadata("infshape") == InfShape([InfDim(16, 64), InfDim(None, 3)])
@@ -156,7 +157,7 @@ def test_mismatched_model_names_path_and_shapes():
   shapes = base_shapes()
   with pytest.raises(ValueError, match=r"parameter out/\w+ \(shape \(.*\)\) is not in the base"):
     mup_flax.nnx.set_base_shapes(NotAReadout(64, nnx.Rngs(0)), {
-        "inp": shapes["inp"]})
+        "inp": shapes["inp"]}, rescale_params=True)
   with pytest.raises(TypeError, match="nnx.Module"):
     mup_flax.nnx.set_base_shapes({"w": jnp.zeros(3)}, shapes)
 

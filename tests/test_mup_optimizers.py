@@ -283,7 +283,8 @@ def test_nnx_optimizer_equals_the_functional_update(scale_eps):
   """nnx.Optimizer strips metadata: the infshape tree (an nnx.State) is matched by path."""
   shapes = lambda w: nnx.state(nnx.eval_shape(lambda: NnxNet(w, nnx.Rngs(0))), nnx.Param)
   model = NnxNet(64, nnx.Rngs(0))
-  mup_flax.nnx.set_base_shapes(model, mup_flax.make_base_shapes(shapes(16), shapes(32)))
+  mup_flax.nnx.set_base_shapes(model, mup_flax.make_base_shapes(shapes(16), shapes(32)),
+                               rescale_params=True)
   infshapes = mup_flax.get_infshapes(model)
   tx = mup_flax.mu_adamw(LR, infshapes, weight_decay=WD, scale_eps=scale_eps)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -12,6 +12,8 @@ from sf_optax._optimizers import schedule_free_adamw_paper
 from sf_optax._optimizers import schedule_free_radam
 from sf_optax._optimizers import schedule_free_sgd
 from sf_optax._optimizers import SecondMomentState
+from sf_optax._per_parameter import parameter_path_name
+from sf_optax._per_parameter import per_parameter_values
 from sf_optax._schedule_free import schedule_free
 from sf_optax._schedule_free import ScheduleFreeState
 
@@ -22,6 +24,8 @@ __all__ = (
     "ScheduleFreeState",
     "SecondMomentState",
     "eval_params",
+    "parameter_path_name",
+    "per_parameter_values",
     "recompute_batch_stats",
     "recompute_batch_stats_nnx",
     "restore_checkpoint",

@@ -22,6 +22,7 @@ import optax
 
 from sf_optax import _averaging
 from sf_optax import _validation
+from sf_optax._per_parameter import per_parameter_values
 
 
 class ScheduleFreeState(NamedTuple):
@@ -74,38 +75,11 @@ LearningRateFn = Callable[[jax.Array, Any], jax.Array]
 ScaleTree = Any  # a prefix tree of Python floats/bools matching params, or a function of params
 
 
-def _broadcast_static(name: str, prefix: ScaleTree, params: optax.Params, cast) -> Any:
-  """Expands a per-parameter prefix tree of static numbers to the params' tree."""
-  if prefix is None:
+def _per_parameter(value: ScaleTree, params: optax.Params, name: str, convert) -> Any:
+  """One static number per parameter leaf, or None when the setting is not given."""
+  if value is None:
     return None
-  if callable(prefix):
-    prefix = prefix(params)
-  try:
-    return jax.tree.map(
-        lambda value, subtree: jax.tree.map(lambda _: cast(name, value), subtree),
-        prefix,
-        params,
-    )
-  except ValueError as error:
-    raise ValueError(
-        f"{name} must be a tree matching params (or a prefix of it), or a function"
-        f" of params returning one: {error}"
-    ) from None
-
-
-def _static_float(name: str, value: Any) -> float:
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(f"{name} must hold Python numbers (static), got a traced value.")
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    raise TypeError(f"{name} must hold numbers, got {value!r}.") from None
-
-
-def _static_bool(name: str, value: Any) -> float:
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(f"{name} must hold Python booleans (static), got a traced value.")
-  return 1.0 if bool(value) else 0.0
+  return per_parameter_values(value, params, name=name, convert=convert)
 
 
 def _is_zero(value: Any) -> bool:
@@ -218,7 +192,7 @@ def schedule_free_transform(
     b1_now = jnp.asarray(b1, dtype)
     c = averaging.c
 
-    scales = _broadcast_static("lr_scales", lr_scales, params, _static_float)
+    scales = _per_parameter(lr_scales, params, "lr_scales", _validation.static_float)
     treedef = jax.tree.structure(params)
     leaves_y = treedef.flatten_up_to(params)
     leaves_z = treedef.flatten_up_to(state.z)
@@ -227,9 +201,11 @@ def schedule_free_transform(
     decay_factors = [0.0] * len(leaves_y)
     if not no_decay:
       parts = [
-          _broadcast_static("mask", mask, params, _static_bool),
+          _per_parameter(mask, params, "mask", _validation.static_bool),
           scales,
-          _broadcast_static("weight_decay_scales", weight_decay_scales, params, _static_float),
+          _per_parameter(
+              weight_decay_scales, params, "weight_decay_scales", _validation.static_float
+          ),
       ]
       decay_factors = [1.0] * len(leaves_y)
       for part in parts:

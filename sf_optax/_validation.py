@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sf_optax._per_parameter import parameter_path_name
+
 
 def is_concrete(value: Any) -> bool:
   """Whether ``value`` is a concrete number that Python may inspect.
@@ -80,9 +82,26 @@ def check_warmup_steps(warmup_steps: Any) -> None:
     raise ValueError(f"warmup_steps must be an integer, got {warmup_steps!r}.")
 
 
+def static_float(value: Any) -> float:
+  """A per-parameter number known in Python (not traced), as a float."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError("must hold Python numbers (static), got a traced value.")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"must hold numbers, got {value!r}.") from None
+
+
+def static_bool(value: Any) -> float:
+  """A per-parameter flag known in Python (not traced), as 1.0 or 0.0."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError("must hold Python booleans (static), got a traced value.")
+  return 1.0 if bool(value) else 0.0
+
+
 def _paths(tree: Any) -> set[str]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path) for path, _ in leaves}
+  return {parameter_path_name(path) for path, _ in leaves}
 
 
 def check_same_structure(name: str, tree: Any, state_name: str, state_tree: Any) -> None:
@@ -123,6 +142,6 @@ def check_same_shapes(name: str, tree: Any, state_name: str, state_tree: Any) ->
   for (path, leaf), state_leaf in zip(leaves, state_leaves):
     if np.shape(leaf) != np.shape(state_leaf):
       raise ValueError(
-          f"{name}{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, but"
-          f" {state_name}{jax.tree_util.keystr(path)} has shape {np.shape(state_leaf)}."
+          f"{name} at {parameter_path_name(path)} has shape {np.shape(leaf)}, but"
+          f" {state_name} has shape {np.shape(state_leaf)} there."
       )

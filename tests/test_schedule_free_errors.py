@@ -112,12 +112,12 @@ def test_gradients_with_another_tree_name_the_mismatch(optimizer):
   params = make_params()
   state = tx.init(params)
   renamed = {"w": params["w"], "bias": params["b"]}
-  with pytest.raises(ValueError, match=r"\['bias'\]") as error:
+  with pytest.raises(ValueError, match=r"\bbias\b") as error:
     tx.update(renamed, state, params)
-  assert "['b']" in str(error.value)
-  with pytest.raises(ValueError, match=r"\['b'\]"):
+  assert ": b" in str(error.value)
+  with pytest.raises(ValueError, match=r": b\b"):
     tx.update({"w": params["w"]}, state, params)
-  with pytest.raises(ValueError, match=r"\['extra'\]"):
+  with pytest.raises(ValueError, match=r"\bextra\b"):
     tx.update({**params, "extra": jnp.zeros(2)}, state, params)
 
 
@@ -126,7 +126,7 @@ def test_a_nested_mismatch_is_named_by_its_full_path():
   params = {"layer": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
   state = tx.init(params)
   grads = {"layer": {"kernel": jnp.ones((2, 2)), "scale": jnp.ones(2)}}
-  with pytest.raises(ValueError, match=r"\['layer'\]\['scale'\]"):
+  with pytest.raises(ValueError, match=r"layer/scale"):
     tx.update(grads, state, params)
 
 
@@ -135,7 +135,7 @@ def test_params_with_another_tree_name_the_mismatch(optimizer):
   tx = optimizer.factory(0.1)
   params = make_params()
   state = tx.init(params)
-  with pytest.raises(ValueError, match=r"\['b'\]"):
+  with pytest.raises(ValueError, match=r": b\b"):
     tx.update(params, state, {"w": params["w"]})
 
 
@@ -157,5 +157,5 @@ def test_gradient_of_the_wrong_shape_names_the_path():
   tx = sf_optax.schedule_free_adamw(1e-2)
   params = {"layer": {"kernel": jnp.ones((3, 2))}}
   state = tx.init(params)
-  with pytest.raises(ValueError, match=r"grads\['layer'\]\['kernel'\] has shape \(2,\)"):
+  with pytest.raises(ValueError, match=r"grads at layer/kernel has shape \(2,\)"):
     tx.update({"layer": {"kernel": jnp.ones(2)}}, state, params)

@@ -23,7 +23,7 @@ from mup_flax import _metadata
 from mup_flax._infshape import InfDim
 from mup_flax._infshape import InfShape
 from mup_flax._metadata import Path
-from mup_flax._metadata import path_name
+from sf_optax import parameter_path_name
 
 __all__ = ["get_infshapes", "load_base_shapes", "make_base_shapes", "save_base_shapes"]
 
@@ -64,7 +64,7 @@ def _shapes_and_fan_axes(tree: Any) -> dict[Path, tuple[tuple[int, ...], FanAxes
     shape = _metadata.shape_of(parameter)
     if shape is None:
       raise ValueError(
-          f"parameter {path_name(path)} is {type(parameter).__name__}, not an array, "
+          f"parameter {parameter_path_name(path)} is {type(parameter).__name__}, not an array, "
           "jax.ShapeDtypeStruct or nnx.Variable.")
     out[path] = (shape, _metadata.declarations_of(parameter).get(_metadata.FAN_AXES))
   return out
@@ -78,9 +78,9 @@ def nest(flat: Mapping[Path, Any]) -> dict:
     for key in path[:-1]:
       node = node.setdefault(key, {})
       if not isinstance(node, dict):
-        raise ValueError(f"parameter path {path_name(path)} runs through a parameter.")
+        raise ValueError(f"parameter path {parameter_path_name(path)} runs through a parameter.")
     if path[-1] in node:
-      raise ValueError(f"parameter path {path_name(path)} appears twice.")
+      raise ValueError(f"parameter path {parameter_path_name(path)} appears twice.")
     node[path[-1]] = value
   return out
 
@@ -91,7 +91,7 @@ def flatten_base_shapes(base_shapes: Any) -> dict[Path, InfShape]:
   for path, leaf in _metadata.parameters(base_shapes)[0]:
     if not isinstance(leaf, InfShape):
       raise ValueError(
-          f"base shapes entry {path_name(path)} is {type(leaf).__name__}, not an "
+          f"base shapes entry {parameter_path_name(path)} is {type(leaf).__name__}, not an "
           "InfShape; build base shapes with mup_flax.make_base_shapes or "
           "mup_flax.load_base_shapes.")
     flat[path] = leaf
@@ -112,20 +112,20 @@ def target_infshapes(shapes: Mapping[Path, tuple[int, ...]], base_shapes: Any
     base = flat_base.get(path)
     if base is None:
       raise ValueError(
-          f"parameter {path_name(path)} (shape {tuple(shape)}) is not in the base "
+          f"parameter {parameter_path_name(path)} (shape {tuple(shape)}) is not in the base "
           "shapes: the base shapes were made for another model.")
     try:
       out[path] = base.with_shape(shape)
     except ValueError as e:
       raise ValueError(
-          f"parameter {path_name(path)}: base shape {base.base_shape} (infinite axes "
+          f"parameter {parameter_path_name(path)}: base shape {base.base_shape} (infinite axes "
           f"{[i for i, d in enumerate(base.dims) if d.is_infinite()]}) does not match "
           f"target shape {tuple(shape)}: {e}") from None
   extra = sorted(set(flat_base) - set(shapes))
   if extra:
     raise ValueError(
         "the base shapes have parameters the model lacks: "
-        f"{', '.join(path_name(p) for p in extra[:5])}{' ...' if len(extra) > 5 else ''}; "
+        f"{', '.join(parameter_path_name(p) for p in extra[:5])}{' ...' if len(extra) > 5 else ''}; "
         "they were made for another model.")
   return out
 
@@ -176,7 +176,7 @@ def get_infshapes(params: Any, base_shapes: Any = None) -> Any:
     infshape = _metadata.infshape_of(leaf)
     if infshape is None:
       raise ValueError(
-          f"parameter {path_name(path)} carries no InfShape: annotate the parameters "
+          f"parameter {parameter_path_name(path)} carries no InfShape: annotate the parameters "
           "first (Linen: mup_flax.MuP(...).init, or mup_flax.set_base_shapes(params, "
           "base_shapes, rescale_params=...); NNX: mup_flax.nnx.set_base_shapes(model, "
           "...)), or pass base_shapes to get_infshapes.")
@@ -188,8 +188,8 @@ def _lookup_fan_axes(fan_axes: Any, path: Path, shape) -> FanAxes | None:
   if fan_axes is None:
     return None
   if callable(fan_axes):
-    return fan_axes(path_name(path), shape)
-  return fan_axes.get(path_name(path))
+    return fan_axes(parameter_path_name(path), shape)
+  return fan_axes.get(parameter_path_name(path))
 
 
 def make_base_shapes(
@@ -245,19 +245,19 @@ def make_base_shapes(
   for path in base_flat:
     if path not in delta_flat:
       raise ValueError(
-          f"parameter {path_name(path)} (shape {base_flat[path][0]}) is in "
+          f"parameter {parameter_path_name(path)} (shape {base_flat[path][0]}) is in "
           "the base model but not in the delta model.")
   for path in delta_flat:
     if path not in base_flat:
       raise ValueError(
-          f"parameter {path_name(path)} (shape {delta_flat[path][0]}) is in "
+          f"parameter {parameter_path_name(path)} (shape {delta_flat[path][0]}) is in "
           "the delta model but not in the base model.")
   out = {}
   for path, (base_shape, declared) in base_flat.items():
     delta_shape = delta_flat[path][0]
     if len(base_shape) != len(delta_shape):
       raise ValueError(
-          f"parameter {path_name(path)}: base shape {base_shape} and delta "
+          f"parameter {parameter_path_name(path)}: base shape {base_shape} and delta "
           f"shape {delta_shape} differ in rank.")
     axes = _lookup_fan_axes(fan_axes, path, base_shape) or declared
     axes_kwargs = {} if axes is None else dict(fan_in_axis=axes[0], fan_out_axis=axes[1])
@@ -265,7 +265,7 @@ def make_base_shapes(
       out[path] = InfShape.from_sizes(base_shape, delta_shape, **axes_kwargs)
     except ValueError as e:
       raise ValueError(
-          f"parameter {path_name(path)} (base shape {base_shape}, delta shape "
+          f"parameter {parameter_path_name(path)} (base shape {base_shape}, delta shape "
           f"{delta_shape}): {e}") from None
   return nest(out)
 
@@ -302,7 +302,7 @@ def _decode(entry: Any, where: str) -> tuple[Path, InfShape]:
       or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
       or not all(isinstance(f, bool) for f in infinite)):
     raise ValueError(
-        f"{where} ({path_name(path)}): 'shape' must be positive ints and "
+        f"{where} ({parameter_path_name(path)}): 'shape' must be positive ints and "
         f"'infinite' booleans of the same length, got {shape!r} and {infinite!r}.")
   dims = [InfDim(s if inf else None, s) for s, inf in zip(shape, infinite)]
   axes = {}
@@ -314,7 +314,7 @@ def _decode(entry: Any, where: str) -> tuple[Path, InfShape]:
   try:
     return tuple(path), InfShape(dims, **axes)
   except ValueError as e:
-    raise ValueError(f"{where} ({path_name(path)}): {e}") from None
+    raise ValueError(f"{where} ({parameter_path_name(path)}): {e}") from None
 
 
 def _format_of(path: str | os.PathLike) -> str:
@@ -392,6 +392,6 @@ def load_base_shapes(path: str | os.PathLike) -> dict:
   for i, entry in enumerate(entries):
     key, infshape = _decode(entry, f"{where}, parameter {i}")
     if key in flat:
-      raise ValueError(f"{where}: parameter {path_name(key)} appears twice.")
+      raise ValueError(f"{where}: parameter {parameter_path_name(key)} appears twice.")
     flat[key] = infshape
   return nest(flat)

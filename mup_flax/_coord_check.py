@@ -239,19 +239,15 @@ def get_coord_data(
     Records ``{"width", "module", "t", "l1", "std", "seed"}``: a list of dicts,
     or a pandas DataFrame.
 
-  >>> import jax, jax.numpy as jnp
+  >>> import jax.numpy as jnp
   >>> import flax.linen as nn
   >>> import mup_flax
-  >>> class MLP(nn.Module):
-  ...   width: int
-  ...   @nn.compact
-  ...   def __call__(self, x):
-  ...     return mup_flax.MuReadout(3, name="readout")(nn.relu(nn.Dense(self.width, name="hidden")(x)))
-  >>> models = {w: (lambda w=w: mup_flax.MuP(MLP(w), base=MLP(8), delta=MLP(16))) for w in (8, 32)}
+  >>> mlp = lambda width: nn.Sequential([nn.Dense(width), nn.relu, mup_flax.MuReadout(3)])
+  >>> models = {w: (lambda w=w: mup_flax.MuP(mlp(w), base=mlp(8), delta=mlp(16))) for w in (8, 32)}
   >>> batch = (jnp.ones((4, 5)), jnp.array([0, 1, 2, 0]))
   >>> records = get_coord_data(models, [batch], nsteps=2, as_dataframe=False)
-  >>> sorted({(r["module"], r["t"]) for r in records})
-  [('hidden', 1), ('hidden', 2), ('readout', 1), ('readout', 2)]
+  >>> sorted({(r["module"], r["t"]) for r in records})  # the Dense and the readout
+  [('layers_0', 1), ('layers_0', 2), ('layers_2', 1), ('layers_2', 2)]
   """
   if nsteps < 1 or nseeds < 1:
     raise ValueError(f"nsteps and nseeds must be positive, got {nsteps}, {nseeds}.")

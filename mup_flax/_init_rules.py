@@ -43,7 +43,7 @@ from mup_flax import _base_shapes
 from mup_flax import _metadata
 from mup_flax._infshape import InfShape
 from mup_flax._metadata import Path
-from mup_flax._metadata import path_name
+from sf_optax import parameter_path_name
 
 
 _MODES = ("fan_in", "fan_out", "fan_avg")
@@ -129,7 +129,7 @@ def _check_readouts(infshapes: Mapping[Path, InfShape], facts: Mapping[Path, Fac
     fan_in, fan_out = infshape.fanin_fanout()
     if fan_in.is_infinite() and not fan_out.is_infinite():
       raise ValueError(
-          f"parameter {path_name(path)} {infshape} maps a width-sized input to a "
+          f"parameter {parameter_path_name(path)} {infshape} maps a width-sized input to a "
           f"fixed-size output but is not a readout: {_READOUT_ADVICE}")
 
 
@@ -138,7 +138,7 @@ def _check_rescale_choice(facts: Mapping[Path, Facts], caller: str) -> None:
   for path, f in facts.items():
     if not f.annotated and not f.abstract:
       raise ValueError(
-          f"{caller}: parameter {path_name(path)} carries no μP annotation, so it cannot "
+          f"{caller}: parameter {parameter_path_name(path)} carries no μP annotation, so it cannot "
           "tell a fresh value from one that is μP-initialized already: pass "
           "rescale_params=True for freshly initialized parameters (applies μP's init "
           "corrections once) or rescale_params=False for values that are μP-initialized "
@@ -151,7 +151,7 @@ def _std_mult(path: Path, infshape: InfShape, declarations: dict,
   """The init correction of one parameter (1 when nothing changes)."""
   rule = declarations.get(_metadata.INIT_RULE)
   if rule is not None:
-    return rule.std_mult(infshape, path_name(path))
+    return rule.std_mult(infshape, parameter_path_name(path))
   readout = declarations.get(_metadata.ROLE) == _metadata.READOUT
   kernel = infshapes.get(path[:-1] + ("kernel",))
   if readout and path[-1] == "bias" and kernel is not None:
@@ -161,7 +161,7 @@ def _std_mult(path: Path, infshape: InfShape, declarations: dict,
   if path[-1] == "bias" and kernel is not None and kernel.ndim >= 2:
     return math.sqrt(kernel.fanin_fanout()[0].width_mult())
   if path[-1] == "embedding":
-    return FLAX_EMBED.std_mult(infshape, path_name(path))
+    return FLAX_EMBED.std_mult(infshape, parameter_path_name(path))
   return 1.0
 
 
@@ -317,13 +317,10 @@ lecun_normal = _named("lecun_normal", 1.0, "fan_in", "truncated_normal",
 lecun_uniform = _named("lecun_uniform", 1.0, "fan_in", "uniform", "fan_in mode")
 he_normal = _named("he_normal", 2.0, "fan_in", "truncated_normal", "fan_in mode")
 he_uniform = _named("he_uniform", 2.0, "fan_in", "uniform", "fan_in mode")
-kaiming_normal = _named("kaiming_normal", 2.0, "fan_in", "truncated_normal",
-                        "same as he_normal; fan_in mode")
-kaiming_uniform = _named("kaiming_uniform", 2.0, "fan_in", "uniform",
-                         "same as he_uniform; fan_in mode")
 glorot_normal = _named("glorot_normal", 1.0, "fan_avg", "truncated_normal", "fan_avg mode")
 glorot_uniform = _named("glorot_uniform", 1.0, "fan_avg", "uniform", "fan_avg mode")
-xavier_normal = _named("xavier_normal", 1.0, "fan_avg", "truncated_normal",
-                       "same as glorot_normal; fan_avg mode")
-xavier_uniform = _named("xavier_uniform", 1.0, "fan_avg", "uniform",
-                        "same as glorot_uniform; fan_avg mode")
+# The same functions under their other names, as in jax.nn.initializers.
+kaiming_normal = he_normal
+kaiming_uniform = he_uniform
+xavier_normal = glorot_normal
+xavier_uniform = glorot_uniform

@@ -23,7 +23,7 @@ from mup_flax import _base_shapes
 from mup_flax import _init_rules
 from mup_flax import _metadata
 from mup_flax._metadata import Path
-from mup_flax._metadata import path_name
+from sf_optax import parameter_path_name
 
 __all__ = ["MuP", "MuReadout", "MuSharedReadout", "set_base_shapes"]
 
@@ -43,7 +43,7 @@ def _annotate(params: Any, base_shapes: Any, rescale_params: bool | None, caller
   for path, leaf in leaves:
     shape = _metadata.shape_of(leaf)
     if shape is None:
-      raise ValueError(f"parameter {path_name(path)} is not an array.")
+      raise ValueError(f"parameter {parameter_path_name(path)} is not an array.")
     facts[path] = _init_rules.Facts(
         shape=shape,
         declarations={**(known_declarations or {}).get(path, {}),
@@ -139,7 +139,7 @@ def _width_mult(module: nn.Module, name: str, layer: str) -> float:
     # make_base_shapes only needs shapes): initial values never depend on
     # activations, so the output's scale does not matter here.
     return 1.0
-  where = path_name(tuple(module.scope.path) + (name,))
+  where = parameter_path_name(tuple(module.scope.path) + (name,))
   raise ValueError(_NO_BASE_SHAPES.format(layer=layer, where=where))
 
 
@@ -283,10 +283,11 @@ class MuP:
 
   - ``init(rngs, *args, **kwargs)``: the model's variables, with every
     parameter in an :class:`InfShapeBox` and μP's init corrections applied
-    (:func:`mup_flax.set_base_shapes`).
-  - ``apply(variables, *args, **kwargs)``: the model's ``apply``; parameters
-    are (re-)annotated first, without rescaling, so plain arrays (e.g. after
-    ``nn.unbox`` or from a checkpoint) work too.
+    (:func:`mup_flax.set_base_shapes`). The model is traced once per call;
+    the first call also traces ``base`` and ``delta`` once each.
+  - ``apply(variables, *args, **kwargs)``: the model's ``apply``; plain-array
+    parameters (e.g. after ``nn.unbox`` or from a checkpoint) are annotated
+    first, without rescaling.
   - ``annotate(params)``: annotation without rescaling, for parameters
     restored from a checkpoint.
 

@@ -21,6 +21,7 @@ from flax import nnx
 from flax import struct
 from flax.core import meta
 from flax.nnx import variablelib
+from sf_optax import parameter_path_name
 
 from mup_flax._infshape import InfShape
 
@@ -44,20 +45,7 @@ Path = tuple[str, ...]
 
 def path_names(path: Any) -> Path:
   """The names of a pytree path's keys: ``("block_0", "attn", "kernel")``."""
-  names = []
-  for key in path:
-    for attribute in ("key", "name", "idx"):
-      if hasattr(key, attribute):
-        key = getattr(key, attribute)
-        break
-    names.append(str(key))
-  return tuple(names)
-
-
-def path_name(path: Any) -> str:
-  """A parameter path as every error spells it: ``block_0/attn/kernel``."""
-  names = path_names(path)
-  return "/".join(names) if names else "<root>"
+  return tuple(parameter_path_name((key,)) for key in path)
 
 
 def is_variable(x: Any) -> bool:

@@ -54,6 +54,24 @@ def test_annotates_in_place_with_metadata():
   assert model.out.width_mult() == 4.0
 
 
+def test_base_and_delta_constructors_or_a_file(tmp_path):
+  mup_flax.save_base_shapes(base_shapes(), tmp_path / "mlp.json")
+  expected = annotated(64)
+  make = lambda width: (lambda: MLP(width, nnx.Rngs(0)))
+  from_models = mup_flax.nnx.set_base_shapes(
+      MLP(64, nnx.Rngs(0)), base=make(16), delta=make(32), rescale_params=True)
+  from_file = mup_flax.nnx.set_base_shapes(
+      MLP(64, nnx.Rngs(0)), str(tmp_path / "mlp.json"), rescale_params=True)
+  for model in (from_models, from_file):
+    tree_equal(params_of(model), params_of(expected))
+    assert mup_flax.get_infshapes(model) == mup_flax.get_infshapes(expected)
+  with pytest.raises(ValueError, match="needs base_shapes, or base and delta"):
+    mup_flax.nnx.set_base_shapes(MLP(64, nnx.Rngs(0)), base=make(16), rescale_params=True)
+  with pytest.raises(ValueError, match="not both"):
+    mup_flax.nnx.set_base_shapes(MLP(64, nnx.Rngs(0)), base_shapes(), base=make(16),
+                                 delta=make(32), rescale_params=True)
+
+
 def test_get_infshapes_matches_what_the_optimizer_sees():
   model = annotated(64)
   infshapes = mup_flax.get_infshapes(model)

@@ -333,7 +333,7 @@ def test_missing_infshape_names_the_parameter(factory):
   infshapes = infshapes_at(32)
   params = params_for(infshapes)
   params["extra"] = {"kernel": jnp.zeros((4, 4))}
-  with pytest.raises(ValueError, match=r"parameter extra/kernel \(shape \(4, 4\)\) has no InfShape"):
+  with pytest.raises(ValueError, match=r"infshapes gives no value for parameter extra/kernel"):
     factory(infshapes).init(params)
 
 
@@ -343,7 +343,7 @@ def test_missing_infshape_at_update_names_the_parameter():
   tx = mup_flax.scale_by_mup(infshapes)
   state = tx.init(params)
   params["extra"] = {"kernel": jnp.zeros((4, 4))}
-  with pytest.raises(ValueError, match="parameter extra/kernel .*has no InfShape"):
+  with pytest.raises(ValueError, match="infshapes gives no value for parameter extra/kernel"):
     jax.jit(tx.update)(params, state)
 
 

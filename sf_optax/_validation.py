@@ -26,6 +26,11 @@ def is_concrete(value: Any) -> bool:
   return np.ndim(value) == 0
 
 
+def is_zero(value: Any) -> bool:
+  """Whether ``value`` is known in Python to be 0 (a traced value never is)."""
+  return is_concrete(value) and float(value) == 0.0
+
+
 def check_scalar(
     name: str,
     value: Any,
@@ -72,6 +77,66 @@ def check_nonnegative(**values: Any) -> None:
   """Raises ValueError naming the first concrete negative value."""
   for name, value in values.items():
     check_scalar(name, value, lower=0.0)
+
+
+def check_decay(name: str, value: Any) -> None:
+  """An exponential-average decay (b2, b3) must lie in [0, 1)."""
+  check_scalar(name, value, lower=0.0, upper=1.0)
+  if is_concrete(value) and float(value) == 1.0:
+    raise ValueError(f"{name} must lie in [0, 1), got {value!r}.")
+
+
+def check_adaptive(**values: Any) -> None:
+  """Decays (``b2``, ``b3``) in [0, 1) and a nonnegative ``eps`` of an adaptive z-step."""
+  for name, value in values.items():
+    if name == "eps":
+      check_nonnegative(eps=value)
+    else:
+      check_decay(name, value)
+
+
+def check_base_optimizer(base_optimizer: Any) -> None:
+  """The wrapper's base must be an Optax transformation (an init and an update)."""
+  if not (callable(getattr(base_optimizer, "init", None))
+          and callable(getattr(base_optimizer, "update", None))):
+    raise TypeError(
+        "base_optimizer must be an Optax GradientTransformation (e.g. optax.adam(1e-3,"
+        f" b1=0.0)), got {type(base_optimizer).__name__}: {base_optimizer!r:.80}."
+    )
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+  """A number (not a schedule) must be a nonnegative learning rate."""
+  if not callable(learning_rate):
+    check_nonnegative(learning_rate=learning_rate)
+
+
+def check_weight_decay_at(weight_decay_at: Any) -> None:
+  if weight_decay_at not in ("y", "z"):
+    raise ValueError(f'weight_decay_at must be "y" or "z", got {weight_decay_at!r}.')
+
+
+def check_settings(settings: Any) -> None:
+  """Validates the settings every optimizer of the family shares (``_schedule_free.Settings``)."""
+  check_learning_rate(settings.learning_rate)
+  check_b1(settings.b1)
+  check_nonnegative(
+      weight_decay=settings.weight_decay, r=settings.r, weight_lr_power=settings.weight_lr_power
+  )
+  check_warmup_steps(settings.warmup_steps)
+  check_weight_decay_at(settings.weight_decay_at)
+
+
+def check_update_inputs(updates: Any, z: Any, params: Any) -> None:
+  """The gradients and params of an update must be trees like the state's z."""
+  if params is None:
+    raise ValueError(
+        "Schedule-Free optimizers need params (the point y where the gradient was"
+        " taken): call update(grads, state, params)."
+    )
+  for name, tree in (("grads", updates), ("params", params)):
+    check_same_structure(name, tree, "state.z", z)
+    check_same_shapes(name, tree, "state.z", z)
 
 
 def check_warmup_steps(warmup_steps: Any) -> None:

@@ -3,13 +3,11 @@
 from mup_flax import coord_check
 from mup_flax import init
 from mup_flax import nnx
-from mup_flax._annotate import get_infshapes
-from mup_flax._annotate import set_base_shapes
+from mup_flax._attention import attention_scale
+from mup_flax._base_shapes import get_infshapes
 from mup_flax._base_shapes import load_base_shapes
 from mup_flax._base_shapes import make_base_shapes
 from mup_flax._base_shapes import save_base_shapes
-from mup_flax._box import InfShapeBox
-from mup_flax._box import with_fan_axes
 from mup_flax._depth import DepthScales
 from mup_flax._depth import depth_multiplier
 from mup_flax._depth import depth_scaled
@@ -18,15 +16,17 @@ from mup_flax._depth import multiply_scales
 from mup_flax._depth import scale_eps
 from mup_flax._infshape import InfDim
 from mup_flax._infshape import InfShape
-from mup_flax._layers import MuReadout
-from mup_flax._layers import MuSharedReadout
-from mup_flax._layers import attention_scale
+from mup_flax._linen import MuP
+from mup_flax._linen import MuReadout
+from mup_flax._linen import MuSharedReadout
+from mup_flax._linen import set_base_shapes
+from mup_flax._metadata import InfShapeBox
+from mup_flax._metadata import with_fan_axes
 from mup_flax._optimizers import mu_adam
 from mup_flax._optimizers import mu_adamw
 from mup_flax._optimizers import mu_sgd
 from mup_flax._optimizers import scale_by_mup
 from mup_flax._optimizers import schedule_free_scales
-from mup_flax._wrapper import MuP
 
 __all__ = (
     "DepthScales",

@@ -1,4 +1,11 @@
-"""Base shapes: which dims of every parameter scale with width, and their base sizes."""
+"""Base shapes: which dims of every parameter scale with width, and their base sizes.
+
+Everything about base shapes lives here: making them from a base and a delta
+model (:func:`make_base_shapes`), saving and loading them, flattening them to
+``{path: InfShape}``, and the target model's InfShapes derived from them
+(:func:`target_infshapes`, computed once per annotation) or read back from an
+annotated model (:func:`get_infshapes`).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +18,14 @@ import jax
 import yaml
 from flax import linen as nn
 from flax import nnx
-from flax.core import meta
 
-from mup_flax import _box
-from mup_flax import _context
-from mup_flax import _paths
-from mup_flax._annotate import flatten_base_shapes
+from mup_flax import _metadata
 from mup_flax._infshape import InfDim
 from mup_flax._infshape import InfShape
+from mup_flax._metadata import Path
+from sf_optax import parameter_path_name
 
-__all__ = ["load_base_shapes", "make_base_shapes", "save_base_shapes"]
+__all__ = ["get_infshapes", "load_base_shapes", "make_base_shapes", "save_base_shapes"]
 
 FORMAT = "mup_flax.base_shapes"
 VERSION = 1
@@ -28,59 +33,44 @@ VERSION = 1
 FanAxes = tuple[Any, Any]
 
 
-def _is_variable(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _leaf_info(leaf: Any) -> tuple[tuple[int, ...], FanAxes | None]:
-  """Shape and declared fan axes of one parameter leaf (array, box or nnx.Variable)."""
-  if _is_variable(leaf):
-    fan_axes = leaf.get_metadata("mup_fan_axes", None)
-    infshape = leaf.get_metadata("infshape", None)
-    if fan_axes is None and infshape is not None and infshape.fan_in_axes is not None:
-      fan_axes = (infshape.fan_in_axes, infshape.fan_out_axes)
-    return tuple(leaf.shape), fan_axes
-  shape = _box.unbox_shape(leaf)
-  if shape is None:
-    raise ValueError(f"{leaf!r} is not an array, jax.ShapeDtypeStruct or nnx.Variable.")
-  return shape, _box.declared_fan_axes(leaf)
-
-
-def param_shapes(model: Any, args: tuple, kwargs: dict, collection: str = "params"
-                 ) -> dict[_paths.Path, tuple[tuple[int, ...], FanAxes | None]]:
-  """``{path: (shape, declared fan axes)}`` of a model's parameters, never allocating them.
+def parameter_tree(model: Any, args: tuple, kwargs: dict, collection: str = "params") -> Any:
+  """A model's parameters, abstract where the model must be built (never allocated).
 
   ``model`` is a Linen module (initialized under ``jax.eval_shape`` with the
-  example inputs), an ``nnx.Module`` (its ``nnx.Param`` state), a
-  zero-argument callable returning an ``nnx.Module`` (run under
-  ``nnx.eval_shape``), or a pytree of arrays / ``jax.ShapeDtypeStruct``.
+  example inputs: one trace of its ``init``), an ``nnx.Module`` (its
+  ``nnx.Param`` state), a zero-argument callable returning an ``nnx.Module``
+  (run under ``nnx.eval_shape``), or a pytree of arrays / ``jax.ShapeDtypeStruct``.
   """
   if isinstance(model, nn.Module):
     if not args and not kwargs:
       raise ValueError(
           f"{type(model).__name__} is a Linen module: pass example inputs, e.g. "
           "make_base_shapes(base, delta, x).")
-    with _context.shape_only():
-      variables = jax.eval_shape(
-          lambda: model.init(jax.random.key(0), *args, **kwargs))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
     if collection not in variables:
       raise ValueError(f"{type(model).__name__} has no {collection!r} collection.")
-    tree = variables[collection]
-  else:
-    if callable(model) and not isinstance(model, nnx.Module) and not isinstance(
-        model, Mapping):
-      with _context.shape_only():
-        model = nnx.eval_shape(lambda: model(*args, **kwargs))
-    if isinstance(model, nnx.Module):
-      tree = nnx.state(model, nnx.Param)
-    else:
-      tree = model
-  leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: meta.is_axis_metadata(x) or _is_variable(x))[0]
-  return {_paths.normalize(path): _leaf_info(leaf) for path, leaf in leaves}
+    return variables[collection]
+  if callable(model) and not isinstance(model, (nnx.Module, Mapping)):
+    model = nnx.eval_shape(lambda: model(*args, **kwargs))
+  if isinstance(model, nnx.Module):
+    return nnx.state(model, nnx.Param)
+  return model
 
 
-def nest(flat: Mapping[_paths.Path, Any]) -> dict:
+def _shapes_and_fan_axes(tree: Any) -> dict[Path, tuple[tuple[int, ...], FanAxes | None]]:
+  """``{path: (shape, declared fan axes)}`` of every parameter of a tree."""
+  out = {}
+  for path, parameter in _metadata.parameters(tree)[0]:
+    shape = _metadata.shape_of(parameter)
+    if shape is None:
+      raise ValueError(
+          f"parameter {parameter_path_name(path)} is {type(parameter).__name__}, not an array, "
+          "jax.ShapeDtypeStruct or nnx.Variable.")
+    out[path] = (shape, _metadata.declarations_of(parameter).get(_metadata.FAN_AXES))
+  return out
+
+
+def nest(flat: Mapping[Path, Any]) -> dict:
   """``{('a', 'b'): x}`` -> ``{'a': {'b': x}}``."""
   out: dict = {}
   for path, value in flat.items():
@@ -88,19 +78,118 @@ def nest(flat: Mapping[_paths.Path, Any]) -> dict:
     for key in path[:-1]:
       node = node.setdefault(key, {})
       if not isinstance(node, dict):
-        raise ValueError(f"parameter path {_paths.path_str(path)} runs through a parameter.")
+        raise ValueError(f"parameter path {parameter_path_name(path)} runs through a parameter.")
     if path[-1] in node:
-      raise ValueError(f"parameter path {_paths.path_str(path)} appears twice.")
+      raise ValueError(f"parameter path {parameter_path_name(path)} appears twice.")
     node[path[-1]] = value
   return out
 
 
-def _lookup_fan_axes(fan_axes: Any, path: _paths.Path, shape) -> FanAxes | None:
+def flatten_base_shapes(base_shapes: Any) -> dict[Path, InfShape]:
+  """``{path: InfShape}`` of a base-shapes tree (any container type)."""
+  flat = {}
+  for path, leaf in _metadata.parameters(base_shapes)[0]:
+    if not isinstance(leaf, InfShape):
+      raise ValueError(
+          f"base shapes entry {parameter_path_name(path)} is {type(leaf).__name__}, not an "
+          "InfShape; build base shapes with mup_flax.make_base_shapes or "
+          "mup_flax.load_base_shapes.")
+    flat[path] = leaf
+  return flat
+
+
+def target_infshapes(shapes: Mapping[Path, tuple[int, ...]], base_shapes: Any
+                     ) -> dict[Path, InfShape]:
+  """``{path: InfShape}`` of the target model's parameters of these ``shapes``.
+
+  Raises a ``ValueError`` naming the parameter when it is missing from the base
+  shapes, when its rank or a finite dim differs from its base shape, and when
+  the base shapes hold parameters the model lacks.
+  """
+  flat_base = flatten_base_shapes(base_shapes)
+  out = {}
+  for path, shape in shapes.items():
+    base = flat_base.get(path)
+    if base is None:
+      raise ValueError(
+          f"parameter {parameter_path_name(path)} (shape {tuple(shape)}) is not in the base "
+          "shapes: the base shapes were made for another model.")
+    try:
+      out[path] = base.with_shape(shape)
+    except ValueError as e:
+      raise ValueError(
+          f"parameter {parameter_path_name(path)}: base shape {base.base_shape} (infinite axes "
+          f"{[i for i, d in enumerate(base.dims) if d.is_infinite()]}) does not match "
+          f"target shape {tuple(shape)}: {e}") from None
+  extra = sorted(set(flat_base) - set(shapes))
+  if extra:
+    raise ValueError(
+        "the base shapes have parameters the model lacks: "
+        f"{', '.join(parameter_path_name(p) for p in extra[:5])}{' ...' if len(extra) > 5 else ''}; "
+        "they were made for another model.")
+  return out
+
+
+def get_infshapes(params: Any, base_shapes: Any = None) -> Any:
+  """The static tree of :class:`InfShape` of annotated parameters.
+
+  The result has the tree structure of the *unboxed* parameters (what Optax
+  sees): ``nn.meta.unbox(params)`` for Linen, ``nnx.as_pure(nnx.state(model,
+  nnx.Param))`` for NNX, or ``params`` itself for plain arrays. It is built
+  once, outside ``jit``, and handed to the μP optimizers.
+
+  Args:
+    params: Linen parameters annotated by :class:`mup_flax.MuP` or
+      :func:`mup_flax.set_base_shapes` (``InfShapeBox`` leaves, possibly nested
+      with ``nn.Partitioned``); an ``nnx.Module`` or ``nnx.State`` annotated by
+      :func:`mup_flax.nnx.set_base_shapes`; a tree of :class:`InfShape`
+      (returned as it is); or plain arrays / ``jax.ShapeDtypeStruct`` together
+      with ``base_shapes``.
+    base_shapes: a base-shapes tree from :func:`mup_flax.make_base_shapes` or
+      :func:`mup_flax.load_base_shapes`. When given, the annotations already
+      on ``params`` are ignored and every InfShape is computed from it.
+
+  Returns:
+    A pytree of :class:`InfShape`, one per parameter.
+
+  Raises:
+    ValueError: a parameter carries no InfShape (and no ``base_shapes`` are
+      given), or does not match the base shapes; naming the parameter.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import mup_flax
+  >>> base = {"w": jnp.zeros((8, 3))}
+  >>> delta = {"w": jnp.zeros((16, 3))}
+  >>> base_shapes = mup_flax.make_base_shapes(base, delta)
+  >>> mup_flax.get_infshapes({"w": jnp.zeros((64, 3))}, base_shapes)
+  {'w': InfShape((InfDim(8, 64), FinDim(3)))}
+  """
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Param)
+  leaves, treedef = _metadata.parameters(params)
+  if base_shapes is not None:
+    targets = target_infshapes(
+        {path: _metadata.shape_of(leaf) for path, leaf in leaves}, base_shapes)
+    return treedef.unflatten([targets[path] for path, _ in leaves])
+  infshapes = []
+  for path, leaf in leaves:
+    infshape = _metadata.infshape_of(leaf)
+    if infshape is None:
+      raise ValueError(
+          f"parameter {parameter_path_name(path)} carries no InfShape: annotate the parameters "
+          "first (Linen: mup_flax.MuP(...).init, or mup_flax.set_base_shapes(params, "
+          "base_shapes, rescale_params=...); NNX: mup_flax.nnx.set_base_shapes(model, "
+          "...)), or pass base_shapes to get_infshapes.")
+    infshapes.append(infshape)
+  return treedef.unflatten(infshapes)
+
+
+def _lookup_fan_axes(fan_axes: Any, path: Path, shape) -> FanAxes | None:
   if fan_axes is None:
     return None
   if callable(fan_axes):
-    return fan_axes(_paths.path_str(path), shape)
-  return fan_axes.get(_paths.path_str(path))
+    return fan_axes(parameter_path_name(path), shape)
+  return fan_axes.get(parameter_path_name(path))
 
 
 def make_base_shapes(
@@ -149,24 +238,26 @@ def make_base_shapes(
   >>> shapes["kernel"], shapes["bias"]
   (InfShape((FinDim(3), InfDim(8, 8))), InfShape((InfDim(8, 8),)))
   """
-  base_flat = param_shapes(base, example_args, example_kwargs, collection)
-  delta_flat = param_shapes(delta, example_args, example_kwargs, collection)
+  base_flat = _shapes_and_fan_axes(
+      parameter_tree(base, example_args, example_kwargs, collection))
+  delta_flat = _shapes_and_fan_axes(
+      parameter_tree(delta, example_args, example_kwargs, collection))
   for path in base_flat:
     if path not in delta_flat:
       raise ValueError(
-          f"parameter {_paths.path_str(path)} (shape {base_flat[path][0]}) is in "
+          f"parameter {parameter_path_name(path)} (shape {base_flat[path][0]}) is in "
           "the base model but not in the delta model.")
   for path in delta_flat:
     if path not in base_flat:
       raise ValueError(
-          f"parameter {_paths.path_str(path)} (shape {delta_flat[path][0]}) is in "
+          f"parameter {parameter_path_name(path)} (shape {delta_flat[path][0]}) is in "
           "the delta model but not in the base model.")
   out = {}
   for path, (base_shape, declared) in base_flat.items():
     delta_shape = delta_flat[path][0]
     if len(base_shape) != len(delta_shape):
       raise ValueError(
-          f"parameter {_paths.path_str(path)}: base shape {base_shape} and delta "
+          f"parameter {parameter_path_name(path)}: base shape {base_shape} and delta "
           f"shape {delta_shape} differ in rank.")
     axes = _lookup_fan_axes(fan_axes, path, base_shape) or declared
     axes_kwargs = {} if axes is None else dict(fan_in_axis=axes[0], fan_out_axis=axes[1])
@@ -174,12 +265,12 @@ def make_base_shapes(
       out[path] = InfShape.from_sizes(base_shape, delta_shape, **axes_kwargs)
     except ValueError as e:
       raise ValueError(
-          f"parameter {_paths.path_str(path)} (base shape {base_shape}, delta shape "
+          f"parameter {parameter_path_name(path)} (base shape {base_shape}, delta shape "
           f"{delta_shape}): {e}") from None
   return nest(out)
 
 
-def _encode(path: _paths.Path, infshape: InfShape) -> dict:
+def _encode(path: Path, infshape: InfShape) -> dict:
   entry = {
       "path": list(path),
       "shape": list(infshape.base_shape),
@@ -193,7 +284,7 @@ def _encode(path: _paths.Path, infshape: InfShape) -> dict:
   return entry
 
 
-def _decode(entry: Any, where: str) -> tuple[_paths.Path, InfShape]:
+def _decode(entry: Any, where: str) -> tuple[Path, InfShape]:
   if not isinstance(entry, dict):
     raise ValueError(f"{where}: entry is {type(entry).__name__}, expected a mapping.")
   required = {"path", "shape", "infinite"}
@@ -211,7 +302,7 @@ def _decode(entry: Any, where: str) -> tuple[_paths.Path, InfShape]:
       or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
       or not all(isinstance(f, bool) for f in infinite)):
     raise ValueError(
-        f"{where} ({'/'.join(map(str, path))}): 'shape' must be positive ints and "
+        f"{where} ({parameter_path_name(path)}): 'shape' must be positive ints and "
         f"'infinite' booleans of the same length, got {shape!r} and {infinite!r}.")
   dims = [InfDim(s if inf else None, s) for s, inf in zip(shape, infinite)]
   axes = {}
@@ -223,7 +314,7 @@ def _decode(entry: Any, where: str) -> tuple[_paths.Path, InfShape]:
   try:
     return tuple(path), InfShape(dims, **axes)
   except ValueError as e:
-    raise ValueError(f"{where} ({'/'.join(path)}): {e}") from None
+    raise ValueError(f"{where} ({parameter_path_name(path)}): {e}") from None
 
 
 def _format_of(path: str | os.PathLike) -> str:
@@ -301,6 +392,6 @@ def load_base_shapes(path: str | os.PathLike) -> dict:
   for i, entry in enumerate(entries):
     key, infshape = _decode(entry, f"{where}, parameter {i}")
     if key in flat:
-      raise ValueError(f"{where}: parameter {'/'.join(key)} appears twice.")
+      raise ValueError(f"{where}: parameter {parameter_path_name(key)} appears twice.")
     flat[key] = infshape
   return nest(flat)

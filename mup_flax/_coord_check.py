@@ -25,9 +25,10 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from mup_flax import _annotate
+from mup_flax import _base_shapes
+from mup_flax import _metadata
 from mup_flax import _optimizers
-from mup_flax import _wrapper
+from mup_flax import _linen
 
 __all__ = ["get_coord_data", "plot_coord_data", "coord_slopes"]
 
@@ -60,13 +61,10 @@ def _linen_outputs(tree: Mapping, prefix: tuple = ()) -> dict[str, Any]:
 def _nnx_outputs(state: Any) -> dict[str, Any]:
   """{module path: output of its last ``__call__``} from ``nnx.capture``'s intermediates."""
   out = {}
-  leaves = jax.tree_util.tree_flatten_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-  for path, leaf in leaves:
-    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  for keys, leaf in _metadata.parameters(state)[0]:
     if not keys or keys[-1] != "__call__":
       continue
-    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    value = leaf.get_value() if _metadata.is_variable(leaf) else leaf
     if isinstance(value, tuple):
       if not value:
         continue
@@ -94,7 +92,7 @@ def _stats(outputs: dict[str, Any], include_root: bool) -> dict[str, tuple[float
 def _annotated_infshapes(params: Any) -> Any | None:
   """The params' InfShape tree, or None for a model without μP annotations (SP)."""
   try:
-    return _annotate.get_infshapes(params)
+    return _base_shapes.get_infshapes(params)
   except (ValueError, TypeError):
     return None
 
@@ -241,19 +239,15 @@ def get_coord_data(
     Records ``{"width", "module", "t", "l1", "std", "seed"}``: a list of dicts,
     or a pandas DataFrame.
 
-  >>> import jax, jax.numpy as jnp
+  >>> import jax.numpy as jnp
   >>> import flax.linen as nn
   >>> import mup_flax
-  >>> class MLP(nn.Module):
-  ...   width: int
-  ...   @nn.compact
-  ...   def __call__(self, x):
-  ...     return mup_flax.MuReadout(3, name="readout")(nn.relu(nn.Dense(self.width, name="hidden")(x)))
-  >>> models = {w: (lambda w=w: mup_flax.MuP(MLP(w), base=MLP(8), delta=MLP(16))) for w in (8, 32)}
+  >>> mlp = lambda width: nn.Sequential([nn.Dense(width), nn.relu, mup_flax.MuReadout(3)])
+  >>> models = {w: (lambda w=w: mup_flax.MuP(mlp(w), base=mlp(8), delta=mlp(16))) for w in (8, 32)}
   >>> batch = (jnp.ones((4, 5)), jnp.array([0, 1, 2, 0]))
   >>> records = get_coord_data(models, [batch], nsteps=2, as_dataframe=False)
-  >>> sorted({(r["module"], r["t"]) for r in records})
-  [('hidden', 1), ('hidden', 2), ('readout', 1), ('readout', 2)]
+  >>> sorted({(r["module"], r["t"]) for r in records})  # the Dense and the readout
+  [('layers_0', 1), ('layers_0', 2), ('layers_2', 1), ('layers_2', 2)]
   """
   if nsteps < 1 or nseeds < 1:
     raise ValueError(f"nsteps and nseeds must be positive, got {nsteps}, {nseeds}.")
@@ -271,7 +265,7 @@ def get_coord_data(
       first_inputs, _ = _split_batch(batches[0])
       if isinstance(model, nnx.Module):
         runner = _NNXRunner(model, s, first_inputs)
-      elif isinstance(model, (nn.Module, _wrapper.MuP)):
+      elif isinstance(model, (nn.Module, _linen.MuP)):
         runner = _LinenRunner(model, s, first_inputs)
       else:
         raise TypeError(

@@ -45,10 +45,10 @@ from typing import Any, NamedTuple
 import jax
 import optax
 from flax import nnx
-from flax.core import meta
 
-from mup_flax import _paths
-from mup_flax._infshape import InfShape
+from mup_flax import _metadata
+import sf_optax
+from sf_optax import parameter_path_name
 
 __all__ = [
     "DepthScales",
@@ -105,19 +105,6 @@ class DepthScales(NamedTuple):
 
   lr_scales: Any  # (L/L0)^(alpha-1) in the residual blocks, 1.0 elsewhere
   eps_scales: Any  # (L/L0)^(-alpha) in the residual blocks, 1.0 elsewhere
-
-
-def _is_annotated_leaf(x: Any) -> bool:
-  return isinstance(x, (InfShape, nnx.Variable)) or meta.is_axis_metadata(x)
-
-
-def _plain_tree(params: Any) -> Any:
-  """The tree an optimizer sees: NNX modules/states made pure, Linen boxes unboxed."""
-  if isinstance(params, nnx.Module):
-    params = nnx.state(params, nnx.Param)
-  if isinstance(params, nnx.State):
-    return nnx.as_pure(params)
-  return meta.unbox(params)
 
 
 def _block_test(in_blocks: str | Callable[[str], bool]) -> Callable[[str], bool]:
@@ -183,11 +170,14 @@ def depth_scales(
   lr_scale = depth_mult ** (float(alpha) - 1.0)
   eps_scale = depth_mult ** (-float(alpha))
   in_block = _block_test(in_blocks)
-  tree = _plain_tree(params)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_annotated_leaf)
-  members = [in_block(_paths.path_str(_paths.normalize(path))) for path, _ in flat]
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Param)
+  # One value per parameter: a Linen box or nnx.Variable becomes the float
+  # itself, the tree an optimizer sees (unboxed, or made pure by nnx.Optimizer).
+  flat, treedef = _metadata.parameters(params)
+  members = [in_block(parameter_path_name(path)) for path, _ in flat]
   if flat and not any(members):
-    examples = ", ".join(_paths.path_str(_paths.normalize(path)) for path, _ in flat[:4])
+    examples = ", ".join(parameter_path_name(path) for path, _ in flat[:4])
     raise ValueError(
         f"depth_scales: no parameter path matches in_blocks={in_blocks!r} (paths look"
         f" like: {examples}).")
@@ -220,34 +210,25 @@ def multiply_scales(*scale_trees: Any) -> Any:
         " from the same params tree.") from None
 
 
-def _broadcast(scales: Any, tree: Any) -> list[float]:
-  """The scale of each leaf of ``tree`` (``scales`` may be a prefix of it)."""
-  treedef = jax.tree.structure(tree)
-  try:
-    expanded = jax.tree.map(
-        lambda s, subtree: jax.tree.map(lambda _: float(s), subtree), scales, tree)
-  except ValueError as error:
-    raise ValueError(
-        f"the scale tree does not match the updates ({error}): build it from the params"
-        " the optimizer updates.") from None
-  return treedef.flatten_up_to(expanded)
+def _multiply_leaves(scales: Any, invert: bool, name: str) -> optax.GradientTransformation:
+  """Stateless: each leaf times its scale (or divided by it). Scales of 1 are skipped.
 
+  ``scales`` is matched to the leaves by path (``sf_optax.per_parameter_values``):
+  a tree like the params, a prefix of it, or one value.
+  """
 
-def _multiply_leaves(scales: Any, invert: bool) -> optax.GradientTransformation:
-  """Stateless: each leaf times its scale (or divided by it). Scales of 1 are skipped."""
+  def factors(tree):
+    return sf_optax.per_parameter_values(scales, tree, name=name, convert=float)
 
   def init_fn(params):
-    _broadcast(scales, params)  # structure errors surface at init, outside jit
+    factors(params)  # errors surface at init, outside jit
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
-    treedef = jax.tree.structure(updates)
-    factors = _broadcast(scales, updates)
-    leaves = treedef.flatten_up_to(updates)
     # Python floats are weakly typed: every leaf keeps its dtype.
-    new = [u if f == 1.0 else (u / f if invert else u * f) for u, f in zip(leaves, factors)]
-    return treedef.unflatten(new), state
+    scale = lambda f, u: u if f == 1.0 else (u / f if invert else u * f)
+    return jax.tree.map(scale, factors(updates), updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -266,8 +247,9 @@ def scale_eps(eps_scales: Any) -> optax.GradientTransformation:
   Not for SGD-like optimizers, whose step it would scale.
 
   Args:
-    eps_scales: a tree of Python floats like the params (or a prefix of it),
-      e.g. :attr:`DepthScales.eps_scales`.
+    eps_scales: a tree of Python floats like the params (or a prefix of it,
+      matched by path as ``sf_optax.per_parameter_values`` does), e.g.
+      :attr:`DepthScales.eps_scales`.
 
   Returns:
     A stateless ``optax.GradientTransformation``.
@@ -278,7 +260,7 @@ def scale_eps(eps_scales: Any) -> optax.GradientTransformation:
   >>> print(f"{float(updates['w'][0]):.4f}")  # -1 / (1 + 0.5 * 0.5)
   -0.8000
   """
-  return _multiply_leaves(eps_scales, invert=True)
+  return _multiply_leaves(eps_scales, invert=True, name="eps_scales")
 
 
 def depth_scaled(
@@ -320,5 +302,5 @@ def depth_scaled(
   return optax.chain(
       scale_eps(scales.eps_scales),
       optimizer,
-      _multiply_leaves(scales.lr_scales, invert=False),
+      _multiply_leaves(scales.lr_scales, invert=False, name="lr_scales"),
   )

@@ -338,10 +338,6 @@ class InfShape:
     fan_in, fan_out = self.fanin_fanout()
     return fan_in.width_mult() / fan_out.width_mult()
 
-  def is_finite(self) -> bool:
-    """True when no dim is infinite (the parameter does not scale with width)."""
-    return self.ninf() == 0
-
   def __repr__(self) -> str:
     dims = ", ".join(map(repr, self.dims))
     if len(self.dims) == 1:
@@ -352,33 +348,3 @@ class InfShape:
         or self.fan_out_axes != (len(self.dims) - 1,)):
       axes = f", fan_in_axis={self.fan_in_axes}, fan_out_axis={self.fan_out_axes}"
     return f"InfShape(({dims}){axes})"
-
-  # -- serialization ---------------------------------------------------------------
-
-  def to_dict(self) -> dict:
-    """A JSON-ready dict; :meth:`from_dict` inverts it exactly."""
-    out = {
-        "shape": list(self.shape),
-        "base_shape": [d.base_dim for d in self.dims],
-    }
-    if self.fan_in_axes is not None:
-      out["fan_in_axes"] = list(self.fan_in_axes)
-      out["fan_out_axes"] = list(self.fan_out_axes)
-    return out
-
-  @classmethod
-  def from_dict(cls, data: dict) -> InfShape:
-    """Inverse of :meth:`to_dict`."""
-    if not isinstance(data, dict) or set(data) - {
-        "shape", "base_shape", "fan_in_axes", "fan_out_axes"} or not {
-        "shape", "base_shape"} <= set(data):
-      raise ValueError(f"not a serialized InfShape: {data!r}")
-    shape, base = data["shape"], data["base_shape"]
-    if not isinstance(shape, list) or not isinstance(base, list) or len(shape) != len(base):
-      raise ValueError(f"not a serialized InfShape: {data!r}")
-    dims = [InfDim(b, s) for b, s in zip(base, shape)]
-    axes = {}
-    if "fan_in_axes" in data or "fan_out_axes" in data:
-      axes = dict(fan_in_axis=tuple(data["fan_in_axes"]),
-                  fan_out_axis=tuple(data["fan_out_axes"]))
-    return cls(dims, **axes)

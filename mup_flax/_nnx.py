@@ -1,7 +1,15 @@
-"""μP for NNX: annotating a module in place, and the NNX readouts."""
+"""μP for NNX: annotating a module in place, and the NNX readouts.
+
+The NNX half of mup_flax; ``_linen.py`` is the Linen half, with the same parts:
+annotation (:func:`set_base_shapes`: μP metadata on each ``nnx.Param``, init
+corrections from ``_init_rules.plan``; it also makes the base shapes from base
+and delta constructors, the counterpart of :class:`mup_flax.MuP`) and the
+readouts (which read their width multiplier from that metadata).
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -9,33 +17,40 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from mup_flax import _annotate
-from mup_flax import _box
-from mup_flax import _paths
+from mup_flax import _base_shapes
+from mup_flax import _init_rules
+from mup_flax import _metadata
 
 __all__ = ["MuReadout", "MuSharedReadout", "set_base_shapes"]
 
 
-def _is_variable(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def set_base_shapes(model: nnx.Module, base_shapes: Any, *,
-                    rescale_params: bool = True) -> nnx.Module:
+def set_base_shapes(model: nnx.Module, base_shapes: Any = None, *, base: Any = None,
+                    delta: Any = None, rescale_params: bool | None = None) -> nnx.Module:
   """Annotates an ``nnx.Module`` in place: every ``nnx.Param`` gets ``infshape`` metadata.
 
-  The NNX counterpart of :func:`mup_flax.set_base_shapes`, with the same init
-  rules: with ``rescale_params=True``, parameters without an ``infshape`` yet
-  get μP's init corrections; already annotated ones are only re-annotated
-  (never rescaled twice). For a model restored from a checkpoint as plain
-  arrays, pass ``rescale_params=False``; or annotate the abstract model
-  (``nnx.eval_shape``) before restoring into it, which keeps the metadata.
+  The NNX counterpart of :class:`mup_flax.MuP` and :func:`mup_flax.set_base_shapes`,
+  with the same init rules. Give the base shapes, or the base and delta
+  models as constructors (built under ``nnx.eval_shape``: nothing is
+  allocated). Parameters that already carry an ``infshape`` are only
+  re-annotated, never rescaled again. For the others, say what they hold:
+  ``rescale_params=True`` for a freshly built model (μP's init corrections are
+  applied), ``rescale_params=False`` for values that are μP-initialized
+  already (restored from a checkpoint, copied with ``nnx.update``): there is
+  no default, since guessing wrong rescales twice. An abstract model
+  (``nnx.eval_shape``) needs no choice: annotate it, then restore into it,
+  which keeps the metadata.
 
   Args:
     model: the NNX model (its ``nnx.Param`` variables are annotated).
-    base_shapes: from :func:`mup_flax.make_base_shapes` (NNX models or
-      constructors can be given to it) or :func:`mup_flax.load_base_shapes`.
-    rescale_params: apply the μP init corrections to not-yet-annotated params.
+    base_shapes: from :func:`mup_flax.make_base_shapes` or
+      :func:`mup_flax.load_base_shapes`, or the path of a saved file.
+    base: instead of ``base_shapes``: the base model, a zero-argument callable
+      building it (``lambda: MLP(64, rngs=nnx.Rngs(0))``) or the model itself.
+    delta: the same model at another width (only decides which dims are
+      infinite), given like ``base``.
+    rescale_params: ``True``: apply the μP init corrections to the parameters
+      not yet annotated; ``False``: only annotate. Required when a parameter
+      holding a value carries no ``infshape`` yet.
 
   Returns:
     ``model`` itself.
@@ -49,9 +64,9 @@ def set_base_shapes(model: nnx.Module, base_shapes: Any, *,
   ...     self.out = mup_flax.nnx.MuReadout(width, 3, rngs=rngs)
   ...   def __call__(self, x):
   ...     return self.out(nnx.relu(self.hidden(x)))
-  >>> shapes = mup_flax.make_base_shapes(lambda: Net(64, nnx.Rngs(0)),
-  ...                                    lambda: Net(128, nnx.Rngs(0)))
-  >>> model = mup_flax.nnx.set_base_shapes(Net(256, nnx.Rngs(0)), shapes)
+  >>> model = mup_flax.nnx.set_base_shapes(
+  ...     Net(256, nnx.Rngs(0)), base=lambda: Net(64, nnx.Rngs(0)),
+  ...     delta=lambda: Net(128, nnx.Rngs(0)), rescale_params=True)
   >>> model.out.width_mult()
   4.0
   >>> model(jnp.ones((2, 5))).shape
@@ -61,28 +76,36 @@ def set_base_shapes(model: nnx.Module, base_shapes: Any, *,
     raise TypeError(
         f"mup_flax.nnx.set_base_shapes annotates an nnx.Module in place, got "
         f"{type(model).__name__}; for Linen parameter trees use mup_flax.set_base_shapes.")
-  state = nnx.state(model, nnx.Param)
-  leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
-  variables = {_paths.normalize(path): v for path, v in leaves}
+  if base_shapes is None:
+    if base is None or delta is None:
+      raise ValueError(
+          "mup_flax.nnx.set_base_shapes needs base_shapes, or base and delta models "
+          "(base=lambda: Net(64, rngs=nnx.Rngs(0)), delta=lambda: Net(128, ...)).")
+    base_shapes = _base_shapes.make_base_shapes(base, delta)
+  elif base is not None or delta is not None:
+    raise ValueError("give either base and delta, or base_shapes, not both.")
+  elif isinstance(base_shapes, (str, os.PathLike)):
+    base_shapes = _base_shapes.load_base_shapes(base_shapes)
+  variables, _ = _metadata.parameters(nnx.state(model, nnx.Param))
   facts = {
-      path: _annotate.ParamFacts(
-          shape=tuple(v.shape),
-          declarations={k: v.get_metadata(k) for k in _box.DECLARATION_KEYS
-                        if v.get_metadata(k, None) is not None},
-          annotated=v.get_metadata(_box.INFSHAPE, None) is not None)
-      for path, v in variables.items()
+      path: _init_rules.Facts(
+          shape=_metadata.shape_of(v),
+          declarations=_metadata.declarations_of(v),
+          annotated=_metadata.infshape_of(v) is not None,
+          abstract=isinstance(v.get_value(), jax.ShapeDtypeStruct))
+      for path, v in variables
   }
-  decided = _annotate.plan(facts, base_shapes, rescale_params)
-  for path, v in variables.items():
+  decided = _init_rules.plan(facts, base_shapes, rescale_params, "mup_flax.nnx.set_base_shapes")
+  for path, v in variables:
     infshape, mult = decided[path]
     if mult != 1.0:
-      v.set_value(_annotate.scale(v.get_value(), mult))
-    v.set_metadata(_box.INFSHAPE, infshape)
+      v.set_value(_init_rules.scale(v.get_value(), mult))
+    v.set_metadata(_metadata.INFSHAPE, infshape)
   return model
 
 
 def _width_mult(variable: nnx.Variable, layer: str) -> float:
-  infshape = variable.get_metadata(_box.INFSHAPE, None)
+  infshape = _metadata.infshape_of(variable)
   if infshape is None:
     raise ValueError(
         f"{layer} has no base shapes, so its width multiplier is unknown: annotate the "
@@ -111,8 +134,8 @@ class MuReadout(nnx.Linear):
   >>> from flax import nnx
   >>> import mup_flax
   >>> make = lambda width: mup_flax.nnx.MuReadout(width, 10, output_mult=2.0, rngs=nnx.Rngs(0))
-  >>> shapes = mup_flax.make_base_shapes(lambda: make(64), lambda: make(128))
-  >>> readout = mup_flax.nnx.set_base_shapes(make(512), shapes)
+  >>> readout = mup_flax.nnx.set_base_shapes(
+  ...     make(512), base=lambda: make(64), delta=lambda: make(128), rescale_params=True)
   >>> readout.width_mult(), readout(jnp.ones((3, 512))).shape
   (8.0, (3, 10))
   """
@@ -123,7 +146,7 @@ class MuReadout(nnx.Linear):
     if readout_zero_init:
       kwargs["kernel_init"] = initializers.zeros_init()
       kwargs["bias_init"] = initializers.zeros_init()
-    readout = {_box.ROLE: _box.READOUT}
+    readout = {_metadata.ROLE: _metadata.READOUT}
     kwargs["kernel_metadata"] = {**kwargs.get("kernel_metadata", {}), **readout}
     kwargs["bias_metadata"] = {**kwargs.get("bias_metadata", {}), **readout}
     super().__init__(in_features, out_features, use_bias=use_bias, rngs=rngs, **kwargs)
@@ -164,7 +187,7 @@ class MuSharedReadout(nnx.Module):
   ...     return self.readout(self.embed(tokens))
   >>> shapes = mup_flax.make_base_shapes(lambda: LM(32, nnx.Rngs(0)),
   ...                                    lambda: LM(64, nnx.Rngs(0)))
-  >>> model = mup_flax.nnx.set_base_shapes(LM(256, nnx.Rngs(0)), shapes)
+  >>> model = mup_flax.nnx.set_base_shapes(LM(256, nnx.Rngs(0)), shapes, rescale_params=True)
   >>> model(jnp.zeros((2, 7), jnp.int32)).shape, model.readout.bias.shape
   ((2, 7, 100), (100,))
   """

@@ -31,12 +31,12 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from flax.core import meta
 
-from mup_flax import _paths
-from mup_flax._annotate import get_infshapes
+from mup_flax import _metadata
+from mup_flax._base_shapes import get_infshapes
 from mup_flax._infshape import InfShape
+import sf_optax
+from sf_optax import parameter_path_name
 
 __all__ = [
     "mu_adam",
@@ -73,62 +73,31 @@ def _check_rule(rule: str) -> None:
                      f"updates; 'sgd' for SGD-like ones), got {rule!r}.")
 
 
-def _is_annotation(x: Any) -> bool:
-  return isinstance(x, (InfShape, nnx.Variable)) or meta.is_axis_metadata(x)
-
-
-def _is_parameter_node(x: Any) -> bool:
-  return isinstance(x, nnx.Variable) or meta.is_axis_metadata(x)
-
-
-def _as_infshape_tree(infshapes: Any) -> Any:
-  """A tree of InfShape from one, or from annotated params (Linen boxes, NNX)."""
-  if isinstance(infshapes, nnx.Module):
-    return get_infshapes(infshapes)
-  leaves = jax.tree.leaves(infshapes, is_leaf=_is_annotation)
-  if leaves and all(isinstance(leaf, InfShape) for leaf in leaves):
-    return infshapes
-  # Boxed Linen params or an annotated NNX state: read the annotations (this
-  # raises, naming the parameter, when one carries none).
-  return get_infshapes(infshapes)
-
-
-def _flat_infshapes(infshapes: Any) -> dict[_paths.Path, InfShape]:
-  """``{path: InfShape}``; paths are spelled the same for dict, FrozenDict and nnx.State."""
-  flat = jax.tree_util.tree_flatten_with_path(
-      _as_infshape_tree(infshapes), is_leaf=lambda x: isinstance(x, InfShape))[0]
-  return {_paths.normalize(path): leaf for path, leaf in flat}
-
-
 class _PerParameter:
-  """A static value per parameter, computed from its InfShape, looked up by parameter path.
+  """A static value per parameter, computed from its InfShape.
 
-  A parameter is an array leaf, a Linen ``AxisMetadata`` box (``jax.grad`` of
-  boxed params gives boxed gradients) or an ``nnx.Variable`` (``nnx.Optimizer``
-  initializes the optimizer on its state): wrappers are kept, their arrays mapped.
+  The InfShapes are matched to the parameters by path with
+  ``sf_optax.per_parameter_values``, so ``dict``, ``FrozenDict`` and
+  ``nnx.State`` mix. A parameter is an array leaf, a Linen ``AxisMetadata``
+  box (``jax.grad`` of boxed params gives boxed gradients) or an
+  ``nnx.Variable`` (``nnx.Optimizer`` initializes the optimizer on its state):
+  wrappers are kept, their arrays mapped.
   """
 
   def __init__(self, infshapes: Any, value_of: Callable[[InfShape], float], owner: str):
     self.owner = owner
-    self.table = {path: (infshape, value_of(infshape))
-                  for path, infshape in _flat_infshapes(infshapes).items()}
+    self.value_of = value_of
+    self.infshapes = get_infshapes(infshapes)  # read once, when the optimizer is built
+    self.values = {value_of(s) for s in jax.tree.leaves(self.infshapes)}
 
-  def _value(self, path: Any, node: Any) -> float:
-    path = _paths.normalize(path)
-    shape = tuple(jax.tree.leaves(node)[0].shape)
-    entry = self.table.get(path)
-    if entry is None:
-      raise ValueError(
-          f"{self.owner}: parameter {_paths.path_str(path)} (shape {shape}) has no InfShape in "
-          "the infshapes tree: build the tree with mup_flax.get_infshapes(params) from the "
-          "parameters the optimizer updates.")
-    infshape, value = entry
+  def _checked_value(self, path: Any, infshape: InfShape, node: Any) -> float:
+    shape = _metadata.shape_of(node)
     if shape != infshape.shape:
       raise ValueError(
-          f"{self.owner}: parameter {_paths.path_str(path)} has shape {shape} but its InfShape "
-          f"{infshape} is for shape {infshape.shape}: the infshapes tree belongs to another "
-          "model or width.")
-    return value
+          f"{self.owner}: parameter {parameter_path_name(path)} has shape {shape} but its "
+          f"InfShape {infshape} is for shape {infshape.shape}: the infshapes tree belongs to "
+          "another model or width.")
+    return self.value_of(infshape)
 
   def tree(self, tree: Any) -> Any:
     """Each parameter's value, as a prefix tree of ``tree`` (static: runs at trace time).
@@ -136,7 +105,9 @@ class _PerParameter:
     Raises a ``ValueError`` naming the parameter when one has no InfShape or
     a shape other than its InfShape's.
     """
-    return jax.tree_util.tree_map_with_path(self._value, tree, is_leaf=_is_parameter_node)
+    matched = sf_optax.per_parameter_values(
+        self.infshapes, tree, name=f"{self.owner}'s infshapes", is_leaf=_metadata.is_parameter)
+    return jax.tree_util.tree_map_with_path(self._checked_value, matched, tree)
 
   def map(self, fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
     """``fn(value, leaf, *rest_leaves)`` for every array leaf of every parameter."""
@@ -240,9 +211,13 @@ def _add_decayed_weights(
   return transform if mask is None else optax.masked(transform, mask)
 
 
-def _is_zero(value: Any) -> bool:
-  # Only a concrete Python zero: inject_hyperparams passes traced arrays.
-  return isinstance(value, (int, float)) and value == 0.0
+def _decay(weight_decay: optax.ScalarOrSchedule, multipliers: _PerParameter,
+           mask: Any) -> list[optax.GradientTransformation]:
+  """The weight-decay step, or none for a concrete zero (``inject_hyperparams``
+  passes traced arrays, which always get the step)."""
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0.0:
+    return []
+  return [_add_decayed_weights(weight_decay, multipliers, mask)]
 
 
 def _scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov, infshapes, scale_eps, owner):
@@ -260,7 +235,7 @@ def _scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov, infshapes, scale_e
   transforms = {
       repr(m): optax.scale_by_adam(b1, b2, eps if m == 1.0 else eps * m, eps_root, mu_dtype,
                                    nesterov=nesterov)
-      for m in {m for _, m in eps_mults.table.values()}
+      for m in eps_mults.values
   }
   return optax.partition(transforms, labels)
 
@@ -324,15 +299,12 @@ def mu_adam(
     Yang et al, `Tensor Programs V <https://arxiv.org/abs/2203.03466>`_, 2022
   """
   lr, decay = _lr_and_decay(infshapes, "adam", decoupled_wd, "mu_adam")
-  steps = []
-  if not _is_zero(weight_decay):
-    steps.append(_add_decayed_weights(weight_decay, decay, mask))
-  steps += [
+  return optax.chain(
+      *_decay(weight_decay, decay, mask),  # L2: added to the gradient, before Adam
       _scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov, infshapes, scale_eps, "mu_adam"),
       _scale_updates(lr),
       optax.scale_by_learning_rate(learning_rate),
-  ]
-  return optax.chain(*steps)
+  )
 
 
 def mu_adamw(
@@ -397,12 +369,13 @@ def mu_adamw(
     <https://arxiv.org/abs/1711.05101>`_, 2019
   """
   lr, decay = _lr_and_decay(infshapes, "adam", decoupled_wd, "mu_adamw")
-  steps = [_scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov, infshapes, scale_eps,
-                          "mu_adamw")]
-  if not _is_zero(weight_decay):
-    steps.append(_add_decayed_weights(weight_decay, decay, mask))
-  steps += [_scale_updates(lr), optax.scale_by_learning_rate(learning_rate)]
-  return optax.chain(*steps)
+  return optax.chain(
+      _scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov, infshapes, scale_eps,
+                     "mu_adamw"),
+      *_decay(weight_decay, decay, mask),  # decoupled: added to Adam's direction
+      _scale_updates(lr),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def mu_sgd(
@@ -455,13 +428,14 @@ def mu_sgd(
     Yang et al, `Tensor Programs V <https://arxiv.org/abs/2203.03466>`_, 2022
   """
   lr, decay = _lr_and_decay(infshapes, "sgd", decoupled_wd, "mu_sgd")
-  steps = []
-  if not _is_zero(weight_decay):
-    steps.append(_add_decayed_weights(weight_decay, decay, mask))
-  if momentum is not None:
-    steps.append(optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype))
-  steps += [_scale_updates(lr), optax.scale_by_learning_rate(learning_rate)]
-  return optax.chain(*steps)
+  momentum_steps = [] if momentum is None else [
+      optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)]
+  return optax.chain(
+      *_decay(weight_decay, decay, mask),  # L2: added to the gradient, before momentum
+      *momentum_steps,
+      _scale_updates(lr),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def schedule_free_scales(
@@ -497,9 +471,8 @@ def schedule_free_scales(
   >>> tx = sf_optax.schedule_free_adamw(1e-2, weight_decay=0.1, **scales)
   """
   _check_rule(rule)
-  tree = _as_infshape_tree(infshapes)
-  is_leaf = lambda x: isinstance(x, InfShape)
+  tree = get_infshapes(infshapes)
   return {
-      name: jax.tree.map(lambda s: _multipliers(s, rule, decoupled_wd)[index], tree, is_leaf=is_leaf)
+      name: jax.tree.map(lambda s: _multipliers(s, rule, decoupled_wd)[index], tree)
       for index, name in enumerate(("lr_scales", "weight_decay_scales"))
   }

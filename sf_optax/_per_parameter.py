@@ -112,7 +112,7 @@ def per_parameter_values(
     names = _path_names(path)
     for length in lengths:
       if length > len(names):
-        break
+        continue  # not `break`: the `else` below must run when nothing matched
       if names[:length] in entries:
         found = entries[names[:length]]
         break

@@ -102,7 +102,7 @@ eval_model_jit = nnx.jit(sf_optax.eval_model)
 
 def train(mesh, store_x, shapes):
   """STEPS steps; returns the model, its optimizer and the model at x (eager, under nnx.jit)."""
-  model = mup_flax.nnx.set_base_shapes(Net(WIDTH, nnx.Rngs(0)), shapes)
+  model = mup_flax.nnx.set_base_shapes(Net(WIDTH, nnx.Rngs(0)), shapes, rescale_params=True)
   optimizer = make_optimizer(model, store_x)
   x, y = data()
   if mesh is not None:
@@ -180,7 +180,7 @@ def case_checkpoint_resume_sharded():
   shapes = base_shapes()
 
   def build(seed):
-    model = mup_flax.nnx.set_base_shapes(Net(WIDTH, nnx.Rngs(seed)), shapes)
+    model = mup_flax.nnx.set_base_shapes(Net(WIDTH, nnx.Rngs(seed)), shapes, rescale_params=True)
     return model, make_optimizer(model, store_x=True)
 
   with jax.set_mesh(mesh), nnx.use_eager_sharding(True), \

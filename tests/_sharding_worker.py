@@ -721,7 +721,7 @@ def case_mup_nnx_fsdp_scan():
     return loss
 
   def run(sharded):
-    model = mup_flax.nnx.set_base_shapes(Net(64, nnx.Rngs(0)), base_shapes)
+    model = mup_flax.nnx.set_base_shapes(Net(64, nnx.Rngs(0)), base_shapes, rescale_params=True)
     infshapes = mup_flax.get_infshapes(model)
     tx = sf_optax.schedule_free_adamw(1e-2, weight_decay=1e-3, warmup_steps=2,
                                       **mup_flax.schedule_free_scales(infshapes))

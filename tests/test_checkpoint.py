@@ -436,7 +436,7 @@ def test_mup_nnx_resume_with_base_shapes(tmp_path):
                                           lambda: Net(32, nnx.Rngs(0)))
 
   def build(seed, shapes):
-    model = mup_flax.nnx.set_base_shapes(Net(64, nnx.Rngs(seed)), shapes)
+    model = mup_flax.nnx.set_base_shapes(Net(64, nnx.Rngs(seed)), shapes, rescale_params=True)
     tx = sf_optax.schedule_free_adamw(
         1e-2, warmup_steps=2, **mup_flax.schedule_free_scales(mup_flax.get_infshapes(model)))
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)

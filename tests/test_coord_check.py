@@ -109,7 +109,8 @@ class NNXMLP(nnx.Module):
 def test_nnx_models():
   shapes = mup_flax.make_base_shapes(lambda: NNXMLP(BASE, nnx.Rngs(0)),
                                      lambda: NNXMLP(2 * BASE, nnx.Rngs(0)))
-  mup = {w: (lambda seed, w=w: mup_flax.nnx.set_base_shapes(NNXMLP(w, nnx.Rngs(seed)), shapes))
+  mup = {w: (lambda seed, w=w: mup_flax.nnx.set_base_shapes(NNXMLP(w, nnx.Rngs(seed)), shapes,
+                                                                 rescale_params=True))
          for w in WIDTHS}
   slopes = _slopes(mup)
   assert {m for m, _ in slopes} == {"input", "hidden", "readout"}

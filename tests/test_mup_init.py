@@ -163,7 +163,7 @@ def test_nnx_metadata_and_declarations_combine():
                               kernel_metadata={"note": "layer"}, rngs=rngs)
 
   shapes = mup_flax.make_base_shapes(lambda: M(16, nnx.Rngs(0)), lambda: M(32, nnx.Rngs(0)))
-  model = mup_flax.nnx.set_base_shapes(M(64, nnx.Rngs(0)), shapes)
+  model = mup_flax.nnx.set_base_shapes(M(64, nnx.Rngs(0)), shapes, rescale_params=True)
   assert model.hidden.kernel.get_metadata("note") == "inner"
   assert model.other.kernel.get_metadata("note") == "layer"
   plain = M(64, nnx.Rngs(0))

@@ -1,5 +1,7 @@
 """Linen: the InfShapeBox, the MuP wrapper, MuReadout / MuSharedReadout, μP init."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,10 +299,9 @@ def test_mup_argument_errors():
 
 
 def test_mureadout_without_base_shapes_is_a_clear_error():
+  # A bare init works (no initial value depends on activations); apply needs base shapes.
+  variables = MLP(64).init(jax.random.key(0), X)
   with pytest.raises(ValueError, match=r"MuReadout 'MuReadout_0/kernel' has no base shapes.*MuP"):
-    MLP(64).init(jax.random.key(0), X)
-  variables = mup(64).init(jax.random.key(0), X)
-  with pytest.raises(ValueError, match="has no base shapes"):
     MLP(64).apply(nn.unbox(variables), X)
 
 
@@ -343,6 +344,34 @@ def test_dense_general_without_fan_axes_is_an_error():
 
   with pytest.raises(ValueError, match=r"DenseGeneral_0/kernel.*declare the fan axes"):
     mup(64, cls=Attn).init(jax.random.key(0), X)
+
+
+CALLS = collections.Counter()  # width -> calls of Counted.__call__ (traces included)
+
+
+class Counted(nn.Module):
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    CALLS[self.width] += 1
+    return mup_flax.MuReadout(3)(nn.relu(nn.Dense(self.width)(x)))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_init_traces_the_model_once(jit):
+  CALLS.clear()
+  model = mup(64, cls=Counted)
+  init = jax.jit(model.init) if jit else model.init
+  variables = init(jax.random.key(0), X)
+  assert CALLS == {16: 1, 32: 1, 64: 1}  # base and delta once each, for the base shapes
+  init(jax.random.key(1), X) if not jit else model.init(jax.random.key(1), X)
+  assert CALLS == {16: 1, 32: 1, 64: 2}  # base shapes are kept: the target only
+  model.apply(variables, X)
+  assert CALLS == {16: 1, 32: 1, 64: 3}  # annotated params: the forward pass only
+  CALLS.clear()
+  mup_flax.MuP(Counted(64), base_shapes=model.base_shapes()).init(jax.random.key(0), X)
+  assert CALLS == {64: 1}
 
 
 # ---------------------------------------------------------------- tied readout

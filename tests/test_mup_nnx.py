@@ -33,7 +33,8 @@ def base_shapes(cls=MLP, base=16, delta=32, **kw):
 
 def annotated(width, seed=0, cls=MLP, base=16, **kw):
   model = cls(width, nnx.Rngs(seed), **kw)
-  return mup_flax.nnx.set_base_shapes(model, base_shapes(cls, base=base, delta=2 * base, **kw))
+  return mup_flax.nnx.set_base_shapes(model, base_shapes(cls, base=base, delta=2 * base, **kw),
+                                      rescale_params=True)
 
 
 def params_of(model):
@@ -46,11 +47,29 @@ def tree_equal(a, b):
 
 def test_annotates_in_place_with_metadata():
   model = MLP(64, nnx.Rngs(0))
-  same = mup_flax.nnx.set_base_shapes(model, base_shapes())
+  same = mup_flax.nnx.set_base_shapes(model, base_shapes(), rescale_params=True)
   assert same is model
   assert model.hidden.kernel.get_metadata("infshape") == InfShape([InfDim(16, 64)] * 2)
   assert model.out.kernel.get_metadata("infshape") == InfShape([InfDim(16, 64), InfDim(None, 3)])
   assert model.out.width_mult() == 4.0
+
+
+def test_base_and_delta_constructors_or_a_file(tmp_path):
+  mup_flax.save_base_shapes(base_shapes(), tmp_path / "mlp.json")
+  expected = annotated(64)
+  make = lambda width: (lambda: MLP(width, nnx.Rngs(0)))
+  from_models = mup_flax.nnx.set_base_shapes(
+      MLP(64, nnx.Rngs(0)), base=make(16), delta=make(32), rescale_params=True)
+  from_file = mup_flax.nnx.set_base_shapes(
+      MLP(64, nnx.Rngs(0)), str(tmp_path / "mlp.json"), rescale_params=True)
+  for model in (from_models, from_file):
+    tree_equal(params_of(model), params_of(expected))
+    assert mup_flax.get_infshapes(model) == mup_flax.get_infshapes(expected)
+  with pytest.raises(ValueError, match="needs base_shapes, or base and delta"):
+    mup_flax.nnx.set_base_shapes(MLP(64, nnx.Rngs(0)), base=make(16), rescale_params=True)
+  with pytest.raises(ValueError, match="not both"):
+    mup_flax.nnx.set_base_shapes(MLP(64, nnx.Rngs(0)), base_shapes(), base=make(16),
+                                 delta=make(32), rescale_params=True)
 
 
 def test_get_infshapes_matches_what_the_optimizer_sees():
@@ -156,7 +175,7 @@ def test_mismatched_model_names_path_and_shapes():
   shapes = base_shapes()
   with pytest.raises(ValueError, match=r"parameter out/\w+ \(shape \(.*\)\) is not in the base"):
     mup_flax.nnx.set_base_shapes(NotAReadout(64, nnx.Rngs(0)), {
-        "inp": shapes["inp"]})
+        "inp": shapes["inp"]}, rescale_params=True)
   with pytest.raises(TypeError, match="nnx.Module"):
     mup_flax.nnx.set_base_shapes({"w": jnp.zeros(3)}, shapes)
 

@@ -283,7 +283,8 @@ def test_nnx_optimizer_equals_the_functional_update(scale_eps):
   """nnx.Optimizer strips metadata: the infshape tree (an nnx.State) is matched by path."""
   shapes = lambda w: nnx.state(nnx.eval_shape(lambda: NnxNet(w, nnx.Rngs(0))), nnx.Param)
   model = NnxNet(64, nnx.Rngs(0))
-  mup_flax.nnx.set_base_shapes(model, mup_flax.make_base_shapes(shapes(16), shapes(32)))
+  mup_flax.nnx.set_base_shapes(model, mup_flax.make_base_shapes(shapes(16), shapes(32)),
+                               rescale_params=True)
   infshapes = mup_flax.get_infshapes(model)
   tx = mup_flax.mu_adamw(LR, infshapes, weight_decay=WD, scale_eps=scale_eps)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -332,7 +333,7 @@ def test_missing_infshape_names_the_parameter(factory):
   infshapes = infshapes_at(32)
   params = params_for(infshapes)
   params["extra"] = {"kernel": jnp.zeros((4, 4))}
-  with pytest.raises(ValueError, match=r"parameter extra/kernel \(shape \(4, 4\)\) has no InfShape"):
+  with pytest.raises(ValueError, match=r"infshapes gives no value for parameter extra/kernel"):
     factory(infshapes).init(params)
 
 
@@ -342,7 +343,7 @@ def test_missing_infshape_at_update_names_the_parameter():
   tx = mup_flax.scale_by_mup(infshapes)
   state = tx.init(params)
   params["extra"] = {"kernel": jnp.zeros((4, 4))}
-  with pytest.raises(ValueError, match="parameter extra/kernel .*has no InfShape"):
+  with pytest.raises(ValueError, match="infshapes gives no value for parameter extra/kernel"):
     jax.jit(tx.update)(params, state)
 
 

@@ -195,7 +195,7 @@ def test_keeps_infshape_and_sharding_metadata():
       return MLP(width, nnx.Rngs(0), readout=mup_flax.nnx.MuReadout, kernel_init=init)
 
     base_shapes = mup_flax.make_base_shapes(lambda: make(8), lambda: make(16))
-    model = mup_flax.nnx.set_base_shapes(make(32), base_shapes)
+    model = mup_flax.nnx.set_base_shapes(make(32), base_shapes, rescale_params=True)
     infshapes = mup_flax.get_infshapes(model)
     tx = sf_optax.schedule_free_adamw(1e-2, **mup_flax.schedule_free_scales(infshapes))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

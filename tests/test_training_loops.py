@@ -240,7 +240,7 @@ def test_nnx_mup_optimizer_loop():
     return NNXMLP(width, nnx.Rngs(2), readout=mup_flax.nnx.MuReadout)
 
   base_shapes = mup_flax.make_base_shapes(lambda: make(16), lambda: make(32))
-  model = mup_flax.nnx.set_base_shapes(make(128), base_shapes)
+  model = mup_flax.nnx.set_base_shapes(make(128), base_shapes, rescale_params=True)
   infshapes = mup_flax.get_infshapes(model)
   optimizer = nnx.Optimizer(
       model, sf_optax.schedule_free_adamw(1e-2, **mup_flax.schedule_free_scales(infshapes)),

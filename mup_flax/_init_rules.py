@@ -1,4 +1,11 @@
-"""Width-correct (μP) versions of Flax's initializers.
+"""μP's init corrections, in one place: the rules, the planner, and the initializers.
+
+:func:`plan` decides, for every parameter of a model being annotated (Linen by
+:func:`mup_flax.set_base_shapes` / :class:`mup_flax.MuP`, NNX by
+:func:`mup_flax.nnx.set_base_shapes`), its InfShape and the factor its
+initial value is multiplied by. A parameter whose initializer comes from
+:mod:`mup_flax.init` declares an :class:`InitRule`; the others follow the rules
+for Flax's default initializers written in :func:`plan`.
 
 Each initializer here samples exactly what its Flax namesake samples, and
 declares how its standard deviation must change with width. When the
@@ -25,12 +32,18 @@ The rules are those of the reference ``mup.init`` (Tensor Programs V):
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mup_flax import _box
+from mup_flax import _base_shapes
+from mup_flax import _metadata
 from mup_flax._infshape import InfShape
+from mup_flax._metadata import Path
+from sf_optax import parameter_path_name
 
 
 _MODES = ("fan_in", "fan_out", "fan_avg")
@@ -88,9 +101,115 @@ class InitRule:
 FLAX_EMBED = InitRule("flax_embed")
 
 
+@dataclasses.dataclass(frozen=True)
+class Facts:
+  """What annotation needs to know about one parameter, whatever carries it."""
+
+  shape: tuple[int, ...]
+  declarations: dict
+  annotated: bool  # already carries an InfShape: never rescaled again
+  abstract: bool  # a jax.ShapeDtypeStruct: there is no value to rescale
+
+
+_READOUT_ADVICE = (
+    "make this layer a mup_flax.MuReadout (Linen) / mup_flax.nnx.MuReadout (NNX), whose "
+    "forward pass divides by width_mult, or make its output dimension scale with width "
+    "too. (If its fan axes are not (-2, -1), declare them with mup_flax.with_fan_axes. "
+    "Parameters restored as plain arrays have lost the MuReadout marker: annotate them "
+    "with MuP(...).annotate(params, x) or restore into the annotated abstract tree "
+    "jax.eval_shape(MuP(...).init, key, x).)")
+
+
+def _check_readouts(infshapes: Mapping[Path, InfShape], facts: Mapping[Path, Facts]) -> None:
+  """A kernel from width to a fixed size must be a readout (it needs 1/width_mult)."""
+  for path, infshape in infshapes.items():
+    if (path[-1] != "kernel" or infshape.ndim < 2
+        or facts[path].declarations.get(_metadata.ROLE) == _metadata.READOUT):
+      continue
+    fan_in, fan_out = infshape.fanin_fanout()
+    if fan_in.is_infinite() and not fan_out.is_infinite():
+      raise ValueError(
+          f"parameter {parameter_path_name(path)} {infshape} maps a width-sized input to a "
+          f"fixed-size output but is not a readout: {_READOUT_ADVICE}")
+
+
+def _check_rescale_choice(facts: Mapping[Path, Facts], caller: str) -> None:
+  """``rescale_params`` has no default where a value could be rescaled a second time."""
+  for path, f in facts.items():
+    if not f.annotated and not f.abstract:
+      raise ValueError(
+          f"{caller}: parameter {parameter_path_name(path)} carries no μP annotation, so it cannot "
+          "tell a fresh value from one that is μP-initialized already: pass "
+          "rescale_params=True for freshly initialized parameters (applies μP's init "
+          "corrections once) or rescale_params=False for values that are μP-initialized "
+          "already (restored from a checkpoint, unboxed with nn.unbox, copied from "
+          "another model), which would otherwise be rescaled a second time.")
+
+
+def _std_mult(path: Path, infshape: InfShape, declarations: dict,
+              infshapes: Mapping[Path, InfShape]) -> float:
+  """The init correction of one parameter (1 when nothing changes)."""
+  rule = declarations.get(_metadata.INIT_RULE)
+  if rule is not None:
+    return rule.std_mult(infshape, parameter_path_name(path))
+  readout = declarations.get(_metadata.ROLE) == _metadata.READOUT
+  kernel = infshapes.get(path[:-1] + ("kernel",))
+  if readout and path[-1] == "bias" and kernel is not None:
+    return math.sqrt(kernel.width_mult())
+  if readout:
+    return math.sqrt(infshape.width_mult())
+  if path[-1] == "bias" and kernel is not None and kernel.ndim >= 2:
+    return math.sqrt(kernel.fanin_fanout()[0].width_mult())
+  if path[-1] == "embedding":
+    return FLAX_EMBED.std_mult(infshape, parameter_path_name(path))
+  return 1.0
+
+
+def plan(facts: Mapping[Path, Facts], base_shapes: Any, rescale_params: bool | None,
+         caller: str) -> dict[Path, tuple[InfShape, float]]:
+  """``{path: (InfShape, init std multiplier)}``: the one place the μP init rules live.
+
+  The target's InfShapes are computed here, once. Rules for parameters that
+  do not declare an initializer (``mup_flax.init``), written for Flax's
+  defaults:
+
+  - a readout kernel (``MuReadout``) and its bias: ``* sqrt(width_mult)``, which
+    with the readout's ``1/width_mult`` forward multiplier keeps the logits'
+    scale (the reference's MuReadout rescale);
+  - another ``bias`` next to a ``kernel`` (Dense, Conv, DenseGeneral):
+    ``* sqrt(fan_in_mult)`` of that kernel (zero for Flax's zero init);
+  - an ``embedding`` table (``nn.Embed``/``nnx.Embed``): Flax's default std
+    ``1/sqrt(features)`` becomes ``1/sqrt(base_features)``;
+  - everything else (hidden kernels: ``lecun_normal`` is already μP; input
+    kernels; norm scales): unchanged.
+
+  Parameters that carry an InfShape already are never rescaled. With
+  ``rescale_params=None`` (no choice made), a parameter that carries none and
+  has a value is an error naming ``caller``.
+  """
+  infshapes = _base_shapes.target_infshapes(
+      {path: f.shape for path, f in facts.items()}, base_shapes)
+  _check_readouts(infshapes, facts)
+  if rescale_params is None:
+    _check_rescale_choice(facts, caller)
+  return {
+      path: (infshape,
+             _std_mult(path, infshape, facts[path].declarations, infshapes)
+             if rescale_params and not facts[path].annotated else 1.0)
+      for path, infshape in infshapes.items()
+  }
+
+
+def scale(array: Any, mult: float) -> Any:
+  """``array * mult`` in ``array``'s dtype; the identity when ``mult == 1``."""
+  if mult == 1.0 or isinstance(array, jax.ShapeDtypeStruct):
+    return array
+  return (array * jnp.asarray(mult, array.dtype)).astype(array.dtype)
+
+
 def _declared(flax_init, rule: InitRule):
   """Flax's initializer, declaring ``rule``; with ``infshape=`` it applies it at once."""
-  tagged = _box.declare(flax_init, **{_box.INIT_RULE: rule})
+  tagged = _metadata.declare(flax_init, **{_metadata.INIT_RULE: rule})
 
   def init(key, shape, dtype=None, *, infshape: InfShape | None = None):
     args = (key, shape) if dtype is None else (key, shape, dtype)
@@ -198,13 +317,10 @@ lecun_normal = _named("lecun_normal", 1.0, "fan_in", "truncated_normal",
 lecun_uniform = _named("lecun_uniform", 1.0, "fan_in", "uniform", "fan_in mode")
 he_normal = _named("he_normal", 2.0, "fan_in", "truncated_normal", "fan_in mode")
 he_uniform = _named("he_uniform", 2.0, "fan_in", "uniform", "fan_in mode")
-kaiming_normal = _named("kaiming_normal", 2.0, "fan_in", "truncated_normal",
-                        "same as he_normal; fan_in mode")
-kaiming_uniform = _named("kaiming_uniform", 2.0, "fan_in", "uniform",
-                         "same as he_uniform; fan_in mode")
 glorot_normal = _named("glorot_normal", 1.0, "fan_avg", "truncated_normal", "fan_avg mode")
 glorot_uniform = _named("glorot_uniform", 1.0, "fan_avg", "uniform", "fan_avg mode")
-xavier_normal = _named("xavier_normal", 1.0, "fan_avg", "truncated_normal",
-                       "same as glorot_normal; fan_avg mode")
-xavier_uniform = _named("xavier_uniform", 1.0, "fan_avg", "uniform",
-                        "same as glorot_uniform; fan_avg mode")
+# The same functions under their other names, as in jax.nn.initializers.
+kaiming_normal = he_normal
+kaiming_uniform = he_uniform
+xavier_normal = glorot_normal
+xavier_uniform = glorot_uniform

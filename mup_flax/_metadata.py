@@ -1,4 +1,13 @@
-"""How μP metadata rides on parameters: the Linen box, and what layers declare before it."""
+"""How μP metadata rides on parameters, for Linen and NNX alike.
+
+A parameter reaches mup_flax as a plain array (or ``jax.ShapeDtypeStruct``),
+as a chain of Linen ``AxisMetadata`` boxes, or as an ``nnx.Variable``. This
+module holds the metadata keys (spelled here only), the two carriers of μP
+metadata (:class:`InfShapeBox` for Linen, Variable metadata for NNX; and
+:class:`Declared`, what layers and initializers declare before base shapes are
+known), and the readers that see through all of them: :func:`parameters`,
+:func:`shape_of`, :func:`declarations_of`, :func:`infshape_of`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from flax import nnx
 from flax import struct
 from flax.core import meta
 from flax.nnx import variablelib
+from sf_optax import parameter_path_name
 
 from mup_flax._infshape import InfShape
 
@@ -28,6 +39,31 @@ ROLE = "mup_role"
 INIT_RULE = "mup_init_rule"
 FAN_AXES = "mup_fan_axes"
 DECLARATION_KEYS = (ROLE, INIT_RULE, FAN_AXES)
+
+Path = tuple[str, ...]
+
+
+def path_names(path: Any) -> Path:
+  """The names of a pytree path's keys: ``("block_0", "attn", "kernel")``."""
+  return tuple(parameter_path_name((key,)) for key in path)
+
+
+def is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def is_parameter(x: Any) -> bool:
+  """Whether ``x`` is one parameter with its wrappers: a Linen box or an ``nnx.Variable``.
+
+  Plain arrays and :class:`InfShape` are pytree leaves already.
+  """
+  return is_variable(x) or meta.is_axis_metadata(x)
+
+
+def parameters(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
+  """``([(path, parameter)], treedef)``: each parameter of a tree, wrappers kept."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_parameter)
+  return [(path_names(path), leaf) for path, leaf in leaves], treedef
 
 
 def _add_axis(value: Any, index: int, params: dict[Any, Any]) -> Any:
@@ -79,7 +115,7 @@ class InfShapeBox(struct.PyTreeNode, meta.AxisMetadata):
 
   def add_axis(self, index: int, params: dict[Any, Any]) -> InfShapeBox:
     value = _add_axis(self.value, index, params)
-    shape = unbox_shape(value)
+    shape = shape_of(value)
     if shape is None or len(shape) != self.infshape.ndim + 1:
       raise ValueError(
           f"InfShapeBox.add_axis: value of shape {shape} does not have one more "
@@ -163,10 +199,9 @@ def _flatten_variable_metadata(value: variablelib.VariableMetadata) -> variablel
   return value
 
 
-def unbox_shape(value: Any) -> tuple[int, ...] | None:
-  """The shape of a possibly boxed array (``None`` if it has none)."""
-  while isinstance(value, meta.AxisMetadata):
-    value = value.unbox()
+def shape_of(parameter: Any) -> tuple[int, ...] | None:
+  """The shape of a parameter (array, box chain or Variable); ``None`` if it has none."""
+  value = strip(parameter)
   shape = getattr(value, "shape", None)
   return None if shape is None else tuple(shape)
 
@@ -180,23 +215,38 @@ def find_box(value: Any) -> InfShapeBox | None:
   return None
 
 
-def declarations(value: Any) -> dict[str, Any]:
-  """The μP declarations found along a chain of boxes (an InfShapeBox's role too)."""
+def infshape_of(parameter: Any) -> InfShape | None:
+  """The InfShape a parameter is annotated with (an InfShape is its own), else ``None``."""
+  if isinstance(parameter, InfShape):
+    return parameter
+  if is_variable(parameter):
+    return parameter.get_metadata(INFSHAPE, None)
+  box = find_box(parameter)
+  return None if box is None else box.infshape
+
+
+def declarations_of(parameter: Any) -> dict[str, Any]:
+  """The μP declarations of a parameter (``DECLARATION_KEYS``), whatever carries them.
+
+  Linen: what :class:`Declared` boxes hold along the chain, and the role of an
+  :class:`InfShapeBox`. NNX: the Variable's metadata. Fan axes come from the
+  annotation when none are declared.
+  """
   found: dict[str, Any] = {}
+  if is_variable(parameter):
+    found = {key: parameter.get_metadata(key) for key in DECLARATION_KEYS
+             if parameter.get_metadata(key, None) is not None}
+  value = parameter
   while isinstance(value, meta.AxisMetadata):
     if isinstance(value, Declared):
       found.update(value.metadata)
-    elif isinstance(value, InfShapeBox):
-      if value.role is not None:
-        found[ROLE] = value.role
-      if value.infshape.fan_in_axes is not None:
-        found.setdefault(FAN_AXES, (value.infshape.fan_in_axes, value.infshape.fan_out_axes))
+    elif isinstance(value, InfShapeBox) and value.role is not None:
+      found[ROLE] = value.role
     value = value.unbox()
+  infshape = infshape_of(parameter)
+  if infshape is not None and infshape.fan_in_axes is not None:
+    found.setdefault(FAN_AXES, (infshape.fan_in_axes, infshape.fan_out_axes))
   return found
-
-
-def declared_fan_axes(value: Any):
-  return declarations(value).get(FAN_AXES)
 
 
 def rebox(value: Any, new_array: Any, infshape: InfShape, role: str | None) -> InfShapeBox:
@@ -211,7 +261,9 @@ def rebox(value: Any, new_array: Any, infshape: InfShape, role: str | None) -> I
 
 
 def strip(value: Any) -> Any:
-  """The array inside any chain of boxes."""
+  """The array inside any chain of boxes, or inside a Variable."""
+  if is_variable(value):
+    return value.get_value()
   while isinstance(value, meta.AxisMetadata):
     value = value.unbox()
   return value

@@ -1,0 +1,210 @@
+"""Multi-process training on JAX's multi-controller runtime, for real, on one machine.
+
+Every job runs ``tests/_multiprocess_worker.py`` through
+``tests/_multiprocess.launch``: 2 processes x 4 virtual CPU devices connected
+over loopback (``jax.distributed`` + Gloo collectives), or 1 process x 8
+devices for the references. The 8-device mesh is the same in both, so the
+2-process run must give the single-process numbers; what differs is that the
+all-reduces and all-gathers cross a process boundary.
+
+The launcher's own tests and a smoke test of the runtime (one tiny collective)
+are in the default tier; the training and checkpoint jobs are slow. Run::
+
+  python -m pytest tests/test_multiprocess.py -q -m "slow or not slow" -p no:xdist
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import _multiprocess
+
+WORKER = pathlib.Path(__file__).with_name("_multiprocess_worker.py")
+OPTIMIZERS = ("adamw", "adamw_no_x")
+# The attention key bias has an exactly zero gradient (softmax ignores a shift
+# shared by all keys): its value is rounding noise, different for every
+# reduction order, so it is compared in absolute terms (both runs ~1e-13).
+ZERO_GRADIENT = "['attn']['key']['bias']"
+FLOAT64_TOLERANCE = 1e-12
+
+
+def records(results) -> dict:
+  """The JSON lines process 0 printed, by case."""
+  found = {}
+  for line in results[0].stdout.splitlines():
+    if line.startswith("{"):
+      record = json.loads(line)
+      found[record["case"]] = record
+  return found
+
+
+def run(case: str, out: pathlib.Path, *args: str, num_processes: int = 2, env=None, **kwargs):
+  """Runs one job of the worker (2 x 4 devices, or 1 x 8); its records and arrays."""
+  out.mkdir(parents=True, exist_ok=True)
+  results = _multiprocess.launch(
+      WORKER, case, str(out), *args, num_processes=num_processes,
+      devices_per_process=8 // num_processes, env=env, **kwargs)
+  return records(results)[case]
+
+
+def run_once(tmp_path_factory, name: str, make):
+  """``make()`` once per session, also under pytest-xdist (its JSON result is shared)."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return make()
+  try:
+    from filelock import FileLock
+  except ImportError:  # every xdist worker runs its own copy then
+    return make()
+  shared = tmp_path_factory.getbasetemp().parent / f"{name}.json"
+  with FileLock(str(shared) + ".lock"):
+    if shared.is_file():
+      return json.loads(shared.read_text())
+    result = make()
+    shared.write_text(json.dumps(result))
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The launcher (no JAX: fast).
+# ---------------------------------------------------------------------------
+
+
+def _script(tmp_path, body: str) -> pathlib.Path:
+  path = tmp_path / "worker.py"
+  path.write_text(textwrap.dedent(body))
+  return path
+
+
+def _gone(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  # A zombie is gone too (its parent has not reaped it yet).
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] == "Z"
+  except FileNotFoundError:
+    return True
+
+
+def test_launcher_reports_every_process_and_leaves_none(tmp_path):
+  # Process 1 fails; process 0 would wait forever (as in a collective), and has
+  # started a grandchild that would outlive it.
+  script = _script(tmp_path, f"""
+      import os, subprocess, sys, time
+      rank = int(os.environ["SF_TEST_PROCESS_ID"])
+      if rank == 1:
+        print("process one was here")
+        sys.exit("process one fails")
+      child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+      with open({str(tmp_path / "pids")!r}, "w") as f:
+        f.write(f"{{os.getpid()}} {{child.pid}}")
+      print("process zero waits", flush=True)
+      time.sleep(600)
+  """)
+  start = time.monotonic()
+  with pytest.raises(_multiprocess.WorkersFailed) as error:
+    _multiprocess.launch(script, timeout_s=60, grace_s=1)
+  assert time.monotonic() - start < 30
+  message = str(error.value)
+  assert "process one fails" in message and "process one was here" in message
+  assert "process zero waits" in message and "killed by the launcher" in message
+  assert [r.returncode for r in error.value.results] == [None, 1]
+  pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+  deadline = time.monotonic() + 10
+  while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert all(_gone(pid) for pid in pids), pids
+
+
+def test_launcher_time_limit(tmp_path):
+  script = _script(tmp_path, """
+      import time
+      print("started", flush=True)
+      time.sleep(600)
+  """)
+  with pytest.raises(_multiprocess.WorkersFailed, match="time limit of 2 s") as error:
+    _multiprocess.launch(script, timeout_s=2)
+  assert all(r.killed for r in error.value.results)
+  assert "started" in str(error.value)
+
+
+def test_launcher_environment(tmp_path):
+  script = _script(tmp_path, """
+      import os
+      print(os.environ["SF_TEST_PROCESS_ID"], os.environ["SF_TEST_NUM_PROCESSES"],
+            os.environ["SF_TEST_COORDINATOR"].split(":")[0], os.environ["XLA_FLAGS"].split()[-1])
+  """)
+  results = _multiprocess.launch(script, num_processes=3, devices_per_process=2, timeout_s=60)
+  lines = [r.stdout.split() for r in results]
+  assert [line[:3] for line in lines] == [[str(i), "3", "127.0.0.1"] for i in range(3)]
+  assert {line[3] for line in lines} == {"--xla_force_host_platform_device_count=2"}
+
+
+# ---------------------------------------------------------------------------
+# The runtime: a tiny collective across 2 processes (default tier, ~10 s).
+# ---------------------------------------------------------------------------
+
+
+def test_two_processes_one_collective(tmp_path):
+  record = run("smoke", tmp_path, timeout_s=120)
+  assert record["process_count"] == 2
+  assert record["device_count"] == 8 and record["local_device_count"] == 4
+  assert record["sum"] == 28.0  # 0 + 1 + ... + 7, half of it on each process
+  assert record["gathered"] == list(range(8))
+
+
+# ---------------------------------------------------------------------------
+# Training: 2 processes equal 1 process on the same 8-device mesh.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+  """One persistent compilation cache for the session's jobs (same programs, compiled once)."""
+  path = tmp_path_factory.mktemp("jax_cache")
+  return {"JAX_COMPILATION_CACHE_DIR": str(path),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="session")
+def training(tmp_path_factory, compile_cache):
+  def make():
+    root = tmp_path_factory.mktemp("training")
+    two = run("train", root / "two", env=compile_cache)
+    one = run("train", root / "one", num_processes=1, env=compile_cache)
+    return {"two": two, "one": one, "root": str(root)}
+
+  return run_once(tmp_path_factory, "multiprocess_training", make)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fsdp_training_two_processes_equals_one(training, name):
+  """muP + Schedule-Free, FSDP over 8 devices: params and eval_params, float64."""
+  two, one = training["two"], training["one"]
+  assert (two["process_count"], one["process_count"]) == (2, 1)
+  assert two["device_count"] == one["device_count"] == 8
+  assert two["sharded_params"] == 22  # every tensor of the model is split
+  assert two["shardings_checked"][name] == one["shardings_checked"][name] > 0
+  np.testing.assert_allclose(two["losses"][name], one["losses"][name], rtol=FLOAT64_TOLERANCE)
+  root = pathlib.Path(training["root"])
+  a, b = np.load(root / "two" / "train.npz"), np.load(root / "one" / "train.npz")
+  keys = [k for k in b.files if k.startswith(f"['{name}']")]
+  assert sorted(a.files) == sorted(b.files) and len(keys) == 2 * 22
+  for key in keys:
+    assert a[key].dtype == np.float64, key
+    if ZERO_GRADIENT in key:
+      assert max(np.abs(a[key]).max(), np.abs(b[key]).max()) <= 1e-12, key
+      continue
+    error = np.abs(a[key] - b[key]).max() / np.abs(b[key]).max()
+    assert error <= FLOAT64_TOLERANCE, (key, error)

@@ -1,11 +1,14 @@
-"""sf_optax: Schedule-Free optimizers as Optax gradient transformations."""
+"""sf_optax: Schedule-Free optimizers as Optax gradient transformations.
+
+The checkpoint (Orbax) and BatchNorm (Flax) helpers are loaded on first use
+(PEP 562 module ``__getattr__``): ``import sf_optax`` imports neither Orbax,
+TensorStore nor Flax, so an Optax-only user never pays for them.
+"""
+
+import importlib
 
 from sf_optax._adan import AdanState
 from sf_optax._adan import schedule_free_adan
-from sf_optax._batch_norm import recompute_batch_stats
-from sf_optax._batch_norm import recompute_batch_stats_nnx
-from sf_optax._checkpoint import restore_checkpoint
-from sf_optax._checkpoint import save_checkpoint
 from sf_optax._eval_params import eval_params
 from sf_optax._optimizers import schedule_free_adamw
 from sf_optax._optimizers import schedule_free_adamw_paper
@@ -17,8 +20,33 @@ from sf_optax._schedule_free import ScheduleFreeState
 
 __version__ = "0.1.0"
 
+# Public name -> the private module that defines it, imported on first access.
+_LAZY = {
+    "CheckpointError": "sf_optax._checkpoint",
+    "CheckpointManager": "sf_optax._checkpoint",
+    "recompute_batch_stats": "sf_optax._batch_norm",
+    "recompute_batch_stats_nnx": "sf_optax._batch_norm",
+    "restore_checkpoint": "sf_optax._checkpoint",
+    "save_checkpoint": "sf_optax._checkpoint",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+  raise AttributeError(f"module 'sf_optax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = (
     "AdanState",
+    "CheckpointError",
+    "CheckpointManager",
     "ScheduleFreeState",
     "SecondMomentState",
     "eval_params",

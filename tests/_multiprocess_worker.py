@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import _multiprocess
 
@@ -131,11 +132,14 @@ def make_train_step(apply, tx, param_sh, state_sh, batch_sh):
   return train_step
 
 
+def flat(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def gather(tree) -> dict[str, np.ndarray]:
   """Every leaf as a full numpy array (collective: all processes call it), by path."""
-  full = multihost_utils.process_allgather(tree, tiled=True)
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(full)[0]}
+  return flat(multihost_utils.process_allgather(tree, tiled=True))
 
 
 def check_shardings(tree, expected) -> int:
@@ -169,30 +173,202 @@ def case_smoke(args):
        "sum": float(total), "gathered": np.asarray(gathered).tolist()})
 
 
-def case_train(args):
-  """FSDP training over all devices; writes params and eval_params after --steps steps."""
-  apply, params0, infshapes = model_and_params()
-  mesh = jax.make_mesh((jax.device_count(),), ("fsdp",), axis_types=(AxisType.Auto,))
+def train_state(apply, tx, params0, mesh, steps, *, start=None, manager=None, save_at=None):
+  """Runs steps ``1..steps`` (or from ``start = (step, params, opt_state)``).
+
+  Saves ``{"params", "opt_state", "step"}`` with ``manager`` after step
+  ``save_at``. Returns the final params, state, losses and the state at
+  ``save_at`` gathered to numpy.
+  """
+  param_sh, state_sh = shardings(tx, params0, mesh)
   batch_sh = NamedSharding(mesh, P("fsdp"))
-  results, losses, checked = {}, {}, {}
-  for name, tx in optimizers(infshapes).items():
-    param_sh, state_sh = shardings(tx, params0, mesh)
-    params = jax.tree.map(global_array, params0, param_sh)
+  if start is None:
+    first, params = 1, jax.tree.map(global_array, params0, param_sh)
     opt_state = jax.jit(tx.init, out_shardings=state_sh)(params)
-    train_step = make_train_step(apply, tx, param_sh, state_sh, batch_sh)
-    losses[name] = []
-    for step in range(1, args.steps + 1):
-      inputs, targets = (global_array(a, batch_sh) for a in batch(step))
-      params, opt_state, loss = train_step(params, opt_state, inputs, targets)
-      losses[name].append(float(loss))
-    x = jax.jit(sf_optax.eval_params, out_shardings=param_sh)(opt_state, params)
-    checked[name] = check_shardings((params, opt_state, x), (param_sh, state_sh, param_sh))
-    results[name] = {"params": params, "eval_params": x}
-  save_npz(os.path.join(args.out, "train.npz"), gather(results))
+  else:
+    first, params, opt_state = start[0] + 1, start[1], start[2]
+  train_step = make_train_step(apply, tx, param_sh, state_sh, batch_sh)
+  losses, saved = [], None
+  for step in range(first, steps + 1):
+    inputs, targets = (global_array(a, batch_sh) for a in batch(step))
+    params, opt_state, loss = train_step(params, opt_state, inputs, targets)
+    losses.append(float(loss))
+    if manager is not None and step == save_at:
+      # Asynchronous: the arrays are copied off the devices before save returns
+      # (the next step donates them), then written while training goes on.
+      manager.save(step, {"params": params, "opt_state": opt_state, "step": step})
+      saved = multihost_utils.process_allgather({"params": params, "opt_state": opt_state},
+                                                tiled=True)
+  check_shardings((params, opt_state), (param_sh, state_sh))
+  return params, opt_state, losses, saved
+
+
+def final_arrays(tx, params0, mesh, params, opt_state) -> dict:
+  param_sh, _ = shardings(tx, params0, mesh)
+  x = jax.jit(sf_optax.eval_params, out_shardings=param_sh)(opt_state, params)
+  check_shardings(x, param_sh)
+  return {"params": params, "opt_state": opt_state, "eval_params": x}
+
+
+def fsdp_mesh():
+  return jax.make_mesh((jax.device_count(),), ("fsdp",), axis_types=(AxisType.Auto,))
+
+
+def case_train(args):
+  """FSDP training over all devices: params, state and eval_params after --steps steps.
+
+  With --checkpoint, every optimizer's state after step --save-at is saved (by
+  all processes, asynchronously) under CHECKPOINT/<optimizer>/<step> and
+  written to ``saved.npz`` as well.
+  """
+  apply, params0, infshapes = model_and_params()
+  mesh = fsdp_mesh()
+  finals, saved, losses = {}, {}, {}
+  for name, tx in optimizers(infshapes).items():
+    manager = None
+    if args.checkpoint:
+      manager = sf_optax.CheckpointManager(os.path.join(args.checkpoint, name), async_save=True)
+    params, opt_state, losses[name], saved[name] = train_state(
+        apply, tx, params0, mesh, args.steps, manager=manager, save_at=args.save_at)
+    if manager is not None:
+      manager.close()  # waits for the commit
+    finals[name] = final_arrays(tx, params0, mesh, params, opt_state)
+  save_npz(os.path.join(args.out, "train.npz"), gather(finals))
+  if args.checkpoint:
+    save_npz(os.path.join(args.out, "saved.npz"), flat(saved))
   log({"case": "train", "process_count": jax.process_count(),
-       "device_count": jax.device_count(), "losses": losses, "shardings_checked": checked,
+       "device_count": jax.device_count(), "losses": losses,
        "sharded_params": sum(not a.sharding.is_fully_replicated
                              for a in jax.tree.leaves(params))})
+
+
+def case_resume(args):
+  """A fresh job restores the step saved by ``train`` and trains to --steps."""
+  apply, params0, infshapes = model_and_params()
+  mesh = fsdp_mesh()
+  finals, losses, restored_steps = {}, {}, {}
+  for name, tx in optimizers(infshapes).items():
+    param_sh, state_sh = shardings(tx, params0, mesh)
+    target = abstract_state(tx, params0, param_sh, state_sh)
+    with sf_optax.CheckpointManager(os.path.join(args.checkpoint, name)) as manager:
+      restored = manager.restore(target)
+    step = restored_steps[name] = restored["step"]
+    check_shardings((restored["params"], restored["opt_state"]), (param_sh, state_sh))
+    params, opt_state, losses[name], _ = train_state(
+        apply, tx, params0, mesh, args.steps,
+        start=(step, restored["params"], restored["opt_state"]))
+    finals[name] = final_arrays(tx, params0, mesh, params, opt_state)
+  save_npz(os.path.join(args.out, "resume.npz"), gather(finals))
+  log({"case": "resume", "process_count": jax.process_count(), "losses": losses,
+       "restored_steps": restored_steps})
+
+
+def case_restore(args):
+  """Restores the step saved by ``train`` on this job's mesh (other devices, other shardings)."""
+  _, params0, infshapes = model_and_params()
+  mesh = fsdp_mesh()
+  restored_all, split, steps = {}, {}, {}
+  for name, tx in optimizers(infshapes).items():
+    param_sh, state_sh = shardings(tx, params0, mesh)
+    with sf_optax.CheckpointManager(os.path.join(args.checkpoint, name)) as manager:
+      restored = manager.restore(abstract_state(tx, params0, param_sh, state_sh))
+    steps[name] = restored.pop("step")
+    check_shardings(restored, {"params": param_sh, "opt_state": state_sh})
+    split[name] = sum(len(a.sharding.device_set) > 1 and not a.sharding.is_fully_replicated
+                      for a in jax.tree.leaves(restored))
+    restored_all[name] = restored
+  save_npz(os.path.join(args.out, "restored.npz"), gather(restored_all))
+  log({"case": "restore", "process_count": jax.process_count(),
+       "device_count": jax.device_count(), "restored_steps": steps, "split_leaves": split})
+
+
+def abstract_state(tx, params0, param_sh, state_sh):
+  """What a fresh job restores into: shapes, dtypes and this mesh's shardings."""
+  def spec(value, sharding):
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+
+  return {"params": jax.tree.map(spec, params0, param_sh),
+          "opt_state": jax.tree.map(spec, jax.eval_shape(tx.init, params0), state_sh),
+          "step": 0}
+
+
+def state_at(step: int, mesh) -> dict:
+  """A training-like state whose every bit depends on ``step``, split over the mesh."""
+  rng = np.random.default_rng(step)
+  values = {
+      "params": {"kernel": rng.standard_normal((256, 512)).astype(np.float32),
+                 "bias": rng.standard_normal(512).astype(np.float32)},
+      "opt_state": {"count": np.asarray(step, np.int32),
+                    "nu": rng.standard_normal((512, 256)).astype(jnp.bfloat16)},
+  }
+  specs = {"params": {"kernel": P("fsdp", None), "bias": P("fsdp")},
+           "opt_state": {"count": P(), "nu": P(None, "fsdp")}}
+  arrays = jax.tree.map(lambda v, spec: global_array(v, NamedSharding(mesh, spec)),
+                        values, specs, is_leaf=lambda x: isinstance(x, P))
+  return {**arrays, "step": step}
+
+
+def bitwise_equal(restored, expected) -> bool:
+  """Compares this process's shards (and the Python scalars) without any collective."""
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+    if isinstance(b, jax.Array):
+      if not a.sharding.is_equivalent_to(b.sharding, a.ndim) or a.dtype != b.dtype:
+        return False
+      for shard, other in zip(a.addressable_shards, b.addressable_shards, strict=True):
+        if shard.index != other.index or not np.array_equal(np.asarray(shard.data),
+                                                            np.asarray(other.data)):
+          return False
+    elif type(a) is not type(b) or a != b:
+      return False
+  return True
+
+
+def case_save_loop(args):
+  """What a restarted job finds after a kill, then saves steps until it is killed itself.
+
+  First verifies the directory as a restarted run would: the latest committed
+  step must restore bitwise equal to ``state_at(step)``; every older step
+  either restores bitwise or raises CheckpointError (it was being removed when
+  the last job died). Then, unless --verify-only, saves step after step
+  (max_to_keep=2, so older steps are removed as it goes); --kill-process
+  (0, 1 or "both") is SIGKILLed --kill-after seconds after the first save began.
+  """
+  import signal
+  import threading
+
+  mesh = fsdp_mesh()
+  manager = sf_optax.CheckpointManager(args.checkpoint, max_to_keep=2)
+  steps = manager.all_steps()
+  target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+      if isinstance(a, jax.Array) else 0, state_at(0, mesh))
+  checked = {}
+  for step in steps:
+    try:
+      restored = manager.restore(target, step=step)
+    except sf_optax.CheckpointError as error:
+      checked[step] = f"CheckpointError: {str(error).splitlines()[0]}"
+      continue
+    checked[step] = bitwise_equal(restored, state_at(step, mesh))
+  log({"case": "save_loop", "process_count": jax.process_count(), "steps": steps,
+       "checked": {str(k): v for k, v in checked.items()},
+       "leftovers": sorted(n for n in os.listdir(args.checkpoint) if not n.isdigit())})
+  if args.verify_only:
+    manager.close()
+    return
+  me = str(jax.process_index())
+  if args.kill_process in (me, "both"):
+    def kill():
+      time.sleep(args.kill_after)
+      os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill, daemon=True).start()
+  start = 0 if not steps else steps[-1] + 1
+  for step in range(start, start + 100):
+    manager.save(step, state_at(step, mesh))
+    if jax.process_index() == 0:
+      print(f"committed {step}", flush=True)
+  manager.close()
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
@@ -203,6 +379,11 @@ def main(argv):
   parser.add_argument("case", choices=sorted(CASES))
   parser.add_argument("out")
   parser.add_argument("--steps", type=int, default=4)
+  parser.add_argument("--checkpoint", default=None)
+  parser.add_argument("--save-at", type=int, default=2)
+  parser.add_argument("--kill-process", default=None, choices=("0", "1", "both"))
+  parser.add_argument("--kill-after", type=float, default=1.0)
+  parser.add_argument("--verify-only", action="store_true")
   args = parser.parse_args(argv)
   CASES[args.case](args)
 

@@ -57,20 +57,31 @@ def log(record: dict) -> None:
 # ---------------------------------------------------------------------------
 
 
-def model_and_params():
-  """(apply, float64 params as numpy, infshapes): identical in every process.
+def model_and_params(init_file=None):
+  """(apply, float64 params as numpy, infshapes): identical in every process and job.
 
-  The width-``WIDTH`` muP model of examples/char_lm.py, initialized under
-  ``jax.jit`` (one compilation instead of one per initializer).
+  The width-``WIDTH`` muP model of examples/char_lm.py. Its params are read
+  from ``init_file`` when it exists; otherwise they are initialized (under
+  ``jax.jit``: one compilation) and process 0 writes them there, so that the
+  following jobs skip that compilation.
   """
   make = lambda width: _common.CharTransformer(  # noqa: E731
       width=width, depth=DEPTH, heads=HEADS, seq_len=SEQ_LEN, mup=True, base_width=BASE_WIDTH)
   model = _common.mup_model(make, WIDTH, BASE_WIDTH)
   example = jnp.zeros((1, SEQ_LEN), jnp.int32)
-  boxed = jax.jit(model.init)(jax.random.key(0), example)["params"]
-  params = jax.tree.map(lambda p: np.asarray(p, np.float64), nn.unbox(boxed))
+  key = jax.random.key(0)
+  abstract = jax.eval_shape(model.init, key, example)["params"]
+  if init_file and os.path.isfile(init_file):
+    stored = np.load(init_file)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, _: stored[jax.tree_util.keystr(path)], nn.unbox(abstract))
+  else:
+    boxed = jax.jit(model.init)(key, example)["params"]
+    params = jax.tree.map(lambda p: np.asarray(p, np.float64), nn.unbox(boxed))
+    if init_file:
+      save_npz(init_file, flat(params))
   apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-  return apply, params, mup_flax.get_infshapes(boxed)
+  return apply, params, mup_flax.get_infshapes(abstract)
 
 
 def optimizers(infshapes) -> dict:
@@ -151,8 +162,11 @@ def check_shardings(tree, expected) -> int:
 
 
 def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """Process 0 writes; atomically (another job's process may be reading it)."""
   if jax.process_index() == 0:
-    np.savez(path, **arrays)
+    with open(path + ".tmp", "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------
@@ -221,7 +235,7 @@ def case_train(args):
   all processes, asynchronously) under CHECKPOINT/<optimizer>/<step> and
   written to ``saved.npz`` as well.
   """
-  apply, params0, infshapes = model_and_params()
+  apply, params0, infshapes = model_and_params(args.init)
   mesh = fsdp_mesh()
   finals, saved, losses = {}, {}, {}
   for name, tx in optimizers(infshapes).items():
@@ -244,7 +258,7 @@ def case_train(args):
 
 def case_resume(args):
   """A fresh job restores the step saved by ``train`` and trains to --steps."""
-  apply, params0, infshapes = model_and_params()
+  apply, params0, infshapes = model_and_params(args.init)
   mesh = fsdp_mesh()
   finals, losses, restored_steps = {}, {}, {}
   for name, tx in optimizers(infshapes).items():
@@ -265,7 +279,7 @@ def case_resume(args):
 
 def case_restore(args):
   """Restores the step saved by ``train`` on this job's mesh (other devices, other shardings)."""
-  _, params0, infshapes = model_and_params()
+  _, params0, infshapes = model_and_params(args.init)
   mesh = fsdp_mesh()
   restored_all, split, steps = {}, {}, {}
   for name, tx in optimizers(infshapes).items():
@@ -380,6 +394,7 @@ def main(argv):
   parser.add_argument("out")
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--checkpoint", default=None)
+  parser.add_argument("--init", default=None, help="initial params (.npz): read, or written")
   parser.add_argument("--save-at", type=int, default=2)
   parser.add_argument("--kill-process", default=None, choices=("0", "1", "both"))
   parser.add_argument("--kill-after", type=float, default=1.0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import textwrap
 import time
 
@@ -35,7 +36,7 @@ ZERO_GRADIENT = "['attn']['key']['bias']"
 FLOAT64_TOLERANCE = 1e-12
 
 
-def records(results) -> dict:
+def records_of(results) -> dict:
   """The JSON lines process 0 printed, by case."""
   found = {}
   for line in results[0].stdout.splitlines():
@@ -49,10 +50,17 @@ def run(case: str, out: pathlib.Path, *args: str, num_processes: int = 2,
         devices_per_process: int | None = None, **kwargs):
   """Runs one job of the worker (2 x 4 devices, or 1 x 8); process 0's record."""
   out.mkdir(parents=True, exist_ok=True)
+  start, cpu = time.monotonic(), _children_cpu_s()
   results = _multiprocess.launch(
       WORKER, case, str(out), *args, num_processes=num_processes,
       devices_per_process=devices_per_process or 8 // num_processes, **kwargs)
-  return records(results)[case]
+  return {**records_of(results)[case], "wall_s": round(time.monotonic() - start, 1),
+          "cpu_s": round(_children_cpu_s() - cpu, 1)}
+
+
+def _children_cpu_s() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 def run_once(tmp_path_factory, name: str, make):
@@ -170,11 +178,17 @@ def test_two_processes_one_collective(tmp_path):
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory):
-  """One persistent compilation cache for the session's jobs (same programs, compiled once)."""
+  """Faster compiles for the training jobs, which compile more than they run.
+
+  One persistent compilation cache for the session (the resuming job compiles
+  the programs of the run it resumes), and XLA's backend optimizations off
+  (the same flags for every job: the comparisons are between equal programs).
+  """
   path = tmp_path_factory.mktemp("jax_cache")
   return {"JAX_COMPILATION_CACHE_DIR": str(path),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+          "XLA_FLAGS": "--xla_backend_optimization_level=0"}
 
 
 @pytest.fixture(scope="session")
@@ -184,13 +198,14 @@ def jobs(tmp_path_factory, compile_cache):
   1-process job restoring it on 2 devices."""
   def make():
     root = tmp_path_factory.mktemp("multiprocess")
-    checkpoint = str(root / "checkpoints")
+    common = ("--init", str(root / "init.npz"))  # written by the first job
+    checkpoint = ("--checkpoint", str(root / "checkpoints"))
     return {
         "root": str(root),
-        "two": run("train", root / "two", "--checkpoint", checkpoint, env=compile_cache),
-        "one": run("train", root / "one", num_processes=1, env=compile_cache),
-        "resume": run("resume", root / "resume", "--checkpoint", checkpoint, env=compile_cache),
-        "restore": run("restore", root / "restore", "--checkpoint", checkpoint,
+        "one": run("train", root / "one", *common, num_processes=1, env=compile_cache),
+        "two": run("train", root / "two", *common, *checkpoint, env=compile_cache),
+        "resume": run("resume", root / "resume", *common, *checkpoint, env=compile_cache),
+        "restore": run("restore", root / "restore", *common, *checkpoint,
                        num_processes=1, devices_per_process=2, env=compile_cache),
     }
 
@@ -199,6 +214,13 @@ def jobs(tmp_path_factory, compile_cache):
 
 def arrays(jobs, job: str, name: str) -> dict[str, np.ndarray]:
   return dict(np.load(pathlib.Path(jobs["root"]) / job / name))
+
+
+@pytest.mark.slow
+def test_job_times(jobs):
+  """Reports each job's wall time and CPU time (run with -s to see them)."""
+  print("\n" + ", ".join(f"{job}: {jobs[job]['wall_s']} s wall, {jobs[job]['cpu_s']} s CPU"
+                         for job in ("one", "two", "resume", "restore")))
 
 
 @pytest.mark.slow
@@ -248,3 +270,57 @@ def test_one_process_restores_on_another_mesh_bitwise(jobs):
   assert sorted(saved) == sorted(restored)
   for key, value in saved.items():
     assert value.dtype == restored[key].dtype and np.array_equal(value, restored[key]), key
+
+
+# ---------------------------------------------------------------------------
+# A process killed during a save.
+# ---------------------------------------------------------------------------
+
+# (which process is SIGKILLed, seconds after its job's first save began)
+KILLS = (("1", 1.2), ("0", 1.7), ("both", 0.9))
+
+
+@pytest.mark.slow
+def test_process_killed_during_save_never_leaves_a_wrong_checkpoint(tmp_path):
+  """2 processes save step after step (max_to_keep=2) until one of them, or both,
+  is SIGKILLed; the next job (2 processes, then 1 process on 2 devices) restores.
+
+  Whatever the moment: the latest step is the last one whose save returned, or
+  the next one (committed by process 0 before the kill reached it), and it
+  restores bitwise; an older step that was being removed when the job died
+  raises CheckpointError, never wrong values.
+  """
+  directory = str(tmp_path / "run")
+  committed, records, outcomes = None, [], []
+  for who, after in (*KILLS, (None, 0.0)):
+    args = (["--kill-process", who, "--kill-after", str(after)] if who
+            else ["--verify-only"])
+    final = who is None
+    results = _multiprocess.launch(
+        WORKER, "save_loop", str(tmp_path), "--checkpoint", directory, *args,
+        num_processes=1 if final else 2, devices_per_process=2 if final else 4,
+        check=final, grace_s=3, timeout_s=180)
+    record = records_of(results)["save_loop"]
+    records.append(record)
+    # What this job found, left by the previous one.
+    steps = record["steps"]
+    if committed is None:
+      assert steps == [], record
+    else:
+      assert steps and steps[-1] in (committed, committed + 1), (committed, record)
+      assert record["checked"][str(steps[-1])] is True, record
+    for step, outcome in record["checked"].items():
+      assert outcome is True or outcome.startswith("CheckpointError:"), (step, outcome)
+      outcomes.append(outcome is True)
+    if final:
+      break
+    # This job: the chosen processes died by SIGKILL, after some saves.
+    for r in results:
+      if who in (str(r.process_id), "both"):
+        assert r.returncode == -9, _multiprocess.report(results)
+    saved = [int(line.split()[1]) for line in results[0].stdout.splitlines()
+             if line.startswith("committed ")]
+    assert saved, _multiprocess.report(results)
+    committed = saved[-1]
+  print(f"\nsteps found after each kill: {[r['steps'] for r in records]};"
+        f" {outcomes.count(False)} half-removed older steps refused")

@@ -134,8 +134,10 @@ def write_manifest(directory: str) -> None:
 def _load_manifest(directory: str) -> dict:
   path = os.path.join(directory, MANIFEST_NAME)
   if not os.path.isfile(path):
-    cause = ("the directory is empty" if os.path.isdir(directory) and not os.listdir(directory)
-             else "it has no manifest")
+    entries = os.listdir(directory) if os.path.isdir(directory) else []
+    cause = "the directory is empty" if not entries else "it has no manifest"
+    if any(entry.isdigit() for entry in entries):
+      cause += "; it holds steps: restore with CheckpointManager(directory).restore(target)"
     raise CheckpointError(
         f"{path}: not a committed sf_optax checkpoint: {cause} (an interrupted save,"
         " a deleted file, or a checkpoint written by another tool).")
@@ -287,6 +289,11 @@ def _abstract(ocp, leaf):
   if _is_python_scalar(leaf):
     return leaf
   if isinstance(leaf, jax.ShapeDtypeStruct):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      # What Orbax makes of a key array (an NNX Rngs stream, say): its key data,
+      # uint32, restored as keys. An abstract one (nnx.eval_shape) must match it.
+      data = jax.eval_shape(jax.random.key_data, leaf)
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=leaf.sharding)
     return leaf
   if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
     raise TypeError(f"target leaf of type {type(leaf).__name__} is not an array,"
@@ -355,7 +362,7 @@ def _restore_committed(ocp, directory: str, target: Any) -> Any:
             + _describe(differences))
       try:
         restored = checkpointer.restore(item, abstract)
-      except (OSError, ValueError, KeyError) as error:
+      except Exception as error:  # TensorStore raises bare Exceptions with its whole spec
         raise CheckpointError(f"{item}: cannot be read ({type(error).__name__}:"
                               f" {_first_line(error)}). Nothing was restored.") from error
   finally:
@@ -406,11 +413,24 @@ def _composite_args(ocp, tree: Any, base_shapes: Any):
   return ocp.args.Composite(**items)
 
 
+def _path_name(path) -> str:
+  """``a/b/0/c``: the path spelling of sf_optax's error messages."""
+  parts = []
+  for key in path:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
 def _check_tree(tree: Any) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not (_is_python_scalar(leaf) or isinstance(leaf, (jax.Array, np.ndarray, np.generic))):
-      raise TypeError(f"save: leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__};"
-                      " a checkpoint holds arrays and Python int/float leaves only.")
+      raise TypeError(f"save: leaf {_path_name(path)} is a {type(leaf).__name__}; a checkpoint"
+                      " holds arrays and Python int/float leaves only.")
 
 
 # ---------------------------------------------------------------------------
@@ -466,6 +486,8 @@ class CheckpointManager:
     ocp = _orbax()
     self._ocp = ocp
     self._directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(self._directory) and not os.path.isdir(self._directory):
+      raise ValueError(f"directory {self._directory} exists and is not a directory.")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=bool(async_save),

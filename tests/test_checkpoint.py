@@ -164,12 +164,18 @@ def test_manager_rotation_async_and_steps(tmp_path):
       manager.restore(saved[4])
   with pytest.raises(ValueError, match="max_to_keep must be a positive int"):
     CheckpointManager(tmp_path / "x", max_to_keep=0)
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="file exists and is not a directory"):
+    CheckpointManager(tmp_path / "file")
+  # A manager's root is not one checkpoint: the error says what to do.
+  with pytest.raises(CheckpointError, match="it holds steps: restore with CheckpointManager"):
+    restore_checkpoint(tmp_path / "run", saved[4])
 
 
 def test_unsupported_leaves_are_named(tmp_path):
   with CheckpointManager(tmp_path / "run") as manager:
-    with pytest.raises(TypeError, match=r"leaf \['name'\] is a str"):
-      manager.save(0, {"w": jnp.ones(2), "name": "mlp"})
+    with pytest.raises(TypeError, match="leaf layers/0/name is a str"):
+      manager.save(0, {"w": jnp.ones(2), "layers": [{"name": "mlp"}]})
     assert manager.all_steps() == []
   save_checkpoint(tmp_path / "c", {"w": jnp.ones(2)})
   with pytest.raises(TypeError, match="restore target: target leaf of type str"):

@@ -55,7 +55,6 @@ def test_import_sf_optax_does_not_import_orbax_tensorstore_or_flax():
       "lazy = {'CheckpointError', 'CheckpointManager', 'save_checkpoint', 'restore_checkpoint',\n"
       "        'recompute_batch_stats', 'recompute_batch_stats_nnx'}\n"
       "assert lazy <= set(sf_optax.__all__) and lazy <= set(dir(sf_optax))\n"
-      "assert list(sf_optax.__all__) == sorted(sf_optax.__all__, key=str.lower) or True\n"
       "from sf_optax import save_checkpoint, recompute_batch_stats\n"
       "assert issubclass(sf_optax.CheckpointError, ValueError)\n"
       "try:\n"
@@ -160,7 +159,8 @@ def test_every_damage_to_every_file_is_refused(tmp_path, committed):
     shutil.rmtree(bad)
   kinds = {kind for _, kind in outcomes}
   assert kinds == set(DAMAGE) and len(outcomes) >= 6 * len(files) // 2
-  print(f"\n{len(outcomes)} damaged copies refused; e.g. {next(iter(outcomes.values()))}")
+  counts = {kind: sum(k == kind for _, k in outcomes) for kind in DAMAGE}
+  print(f"\n{len(outcomes)} damaged copies of {len(files)} files refused: {counts}")
 
 
 def test_issue_item_3_inverted_bytes_in_the_largest_data_file(tmp_path, committed):

@@ -46,7 +46,7 @@ params-sized float32 temporary (temp_size = 1.00x the params' bytes), which
 XLA:CPU allocates and faults in on every call (at 16M parameters 2.4x slower
 than store_x=True). The engine therefore recomputes u for the y' kernel on CPU
 from g and v' passed through ``jax.lax.optimization_barrier`` (so CSE cannot
-merge the two copies; ``ZStep.recompute``, ``_schedule_free._steps_for_y``):
+merge the two copies; ``ZStep.direction``, ``_schedule_free._steps_for_y``):
 3 kernels, 13 units, no temporary. A generic Optax base (the wrapper) offers no
 recomputation, so schedule_free(adam) store_x=False keeps its temporary: the
 strict xfail below records that gap. RAdam selects on the denominator

@@ -243,3 +243,102 @@ def test_fixtures_cover_the_issue():
   assert {len(shape) for shape in META["leaves"].values()} == {0, 1, 2}
   # The Polyak numerator max(0, f + ip) is clipped to 0 on some steps.
   assert any((load(name)["scheduled_lr"] == 0).any() for name in PLUS_CASES)
+
+
+# ----------------------------------------------------------------------------
+# sf_optax against the fixtures.
+# ----------------------------------------------------------------------------
+
+
+def learning_rate(spec):
+  if isinstance(spec, dict):
+    assert spec["schedule"] == "linear", spec
+    schedule = optax.linear_schedule(
+        init_value=spec["init_value"], end_value=spec["end_value"],
+        transition_steps=spec["transition_steps"],
+        transition_begin=spec["transition_begin"])
+    # A float64 count keeps Optax's schedule in float64 (see test_schedule_free_parity.py).
+    return lambda count: schedule(jnp.asarray(count, jnp.float64))
+  return spec
+
+
+def build(case, *, store_x, **overrides):
+  """The sf_optax optimizer of a case; ``overrides`` replace hyperparameters."""
+  hyperparameters = {**case["hyperparameters"], **overrides}
+  if case["weight_decay_excluded"]:
+    hyperparameters.setdefault(
+        "mask", {leaf: leaf not in case["weight_decay_excluded"] for leaf in LEAVES})
+  factory = {"plus": sf_optax.schedule_free_plus,
+             "adamw": sf_optax.schedule_free_adamw}[case["optimizer"]]
+  return factory(learning_rate(case["learning_rate"]), store_x=store_x, **hyperparameters)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def replay(tx, params, grads, values):
+  """Feeds the recorded gradients and loss values; y, x and the logged scalars per step."""
+
+  def step(carry, inputs):
+    params, state = carry
+    grad, value = inputs
+    # Every optimizer takes extra arguments; only ScheduleFree+ reads `value`.
+    updates, state = tx.update(grad, state, params, value=value)
+    params = optax.apply_updates(params, updates)
+    logged = {name: optax.tree.get(state, name, jnp.nan)
+              for name in ("step_size", "grad_l1_ema")}
+    return (params, state), (params, sf_optax.eval_params(state, params), logged)
+
+  _, outputs = jax.lax.scan(step, (params, tx.init(params)), (grads, values))
+  return outputs
+
+
+def run(tx, data):
+  params = {leaf: jnp.asarray(data[f"init.{leaf}"]) for leaf in LEAVES}
+  grads = {leaf: jnp.asarray(data[f"grad.{leaf}"]) for leaf in LEAVES}
+  ys, xs, logged = replay(tx, params, grads, jnp.asarray(data["value"]))
+  return (jax.tree.map(np.asarray, ys), jax.tree.map(np.asarray, xs),
+          jax.tree.map(np.asarray, logged))
+
+
+both_store_x = pytest.mark.parametrize("store_x", [True, False], ids=["store_x", "no_x"])
+
+
+@pytest.mark.usefixtures("x64")
+@both_store_x
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference(name, store_x):
+  case, data = CASES[name], load(name)
+  ys, xs, logged = run(build(case, store_x=store_x), data)
+  error = trajectory_error(ys, xs, data)
+  assert error <= TOLERANCE, f"{name} ({case['torch']}) store_x={store_x}: {error:.3e}"
+  if case["optimizer"] == "plus":
+    # The step size of every step and the L1 estimate, as the reference logs them.
+    np.testing.assert_allclose(logged["step_size"], data["scheduled_lr"], rtol=TOLERANCE, atol=0)
+    np.testing.assert_allclose(logged["grad_l1_ema"], data["grad_l1_ema"], rtol=TOLERANCE, atol=0)
+
+
+# Each perturbation is a plausible implementation mistake; the fixtures must tell
+# it from the reference by many orders of magnitude more than the tolerance.
+PERTURBATIONS = {
+    "inner_momentum_ignored": ("adamw_inner_05_warmup_wd", {"inner_momentum": 0.0}),
+    "inner_momentum_other": ("adamw_reference_inner_09_warmup_wd", {"inner_momentum": 0.8}),
+    "c_warmup_one_step_late": ("plus_polyak_09_cwarmup_anneal_wd_r", {"c_warmup": 11}),
+    "c_warmup_ignored": ("plus_polyak_0_cwarmup_anneal_wd_r_power0", {"c_warmup": 0}),
+    "anneal_one_step_late": ("plus_polyak_09_cwarmup_anneal_wd_r", {"sf_b1_anneal_steps": 101}),
+    "anneal_ignored": ("plus_schedule_polyak_09_mask", {"sf_b1_anneal_steps": 0}),
+    "polyak_b_ignored": ("plus_polyak_09_cwarmup_anneal_wd_r", {"polyak_b": 0.0}),
+    "weight_decay_ignored": ("plus_polyak_09_cwarmup_anneal_wd_r", {"weight_decay": 0.0}),
+    "mask_ignored": ("plus_schedule_polyak_09_mask", {"mask": None}),
+    "weight_lr_power_ignored": ("plus_polyak_0_cwarmup_anneal_wd_r_power0",
+                                {"weight_lr_power": 2.0}),
+    "r_ignored": ("plus_polyak_09_cwarmup_anneal_wd_r", {"r": 0.0}),
+    "b2_default": ("plus_polyak_0_cwarmup_anneal_wd_r_power0", {"b2": 0.95}),
+}
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("perturbation", sorted(PERTURBATIONS))
+def test_fixtures_detect_small_mistakes(perturbation):
+  name, overrides = PERTURBATIONS[perturbation]
+  data = load(name)
+  ys, xs, _ = run(build(CASES[name], store_x=True, **overrides), data)
+  assert trajectory_error(ys, xs, data) > 1e4 * TOLERANCE, perturbation

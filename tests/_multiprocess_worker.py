@@ -85,12 +85,32 @@ def model_and_params(init_file=None):
 
 
 def optimizers(infshapes) -> dict:
+  """The optimizers the jobs train with, by name, all with muP's per-parameter scales.
+
+  ``plus`` is ScheduleFree+ under jit (its loss is the global mean and its two
+  sums run over the sharded arrays: XLA all-reduces them). ``plus_shard_map``
+  is the same optimizer applied inside ``shard_map`` to each device's slice of
+  every parameter with ``axis_name``: there the sums are ``psum``'d and the
+  devices' local losses ``pmean``'d explicitly, across the processes.
+  """
   scales = mup_flax.schedule_free_scales(infshapes)
   common = dict(warmup_steps=WARMUP, weight_decay=WEIGHT_DECAY, **scales)
+  plus = dict(warmup_steps=WARMUP, **PLUS, **scales)
   return {
       "adamw": sf_optax.schedule_free_adamw(LR, **common),
       "adamw_no_x": sf_optax.schedule_free_adamw(LR, store_x=False, **common),
+      "plus": sf_optax.schedule_free_plus(**plus),
+      "plus_shard_map": sf_optax.schedule_free_plus(axis_name="fsdp", **plus),
   }
+
+
+# Every feature of ScheduleFree+'s step size on: an L1 EMA, the c warmup, the
+# annealed momentum, AdamC decay, polynomial weights.
+PLUS = dict(weight_decay=2.0, polyak_b=0.9, c_warmup=1, sf_b1_anneal_steps=3, r=0.5)
+SHARD_MAP = ("plus_shard_map",)
+# Checkpointed, resumed and restored (the other two share their state's layout).
+CHECKPOINTED = ("adamw", "plus")
+NEEDS_LOSS = ("plus", "plus_shard_map")
 
 
 def fsdp_spec(shape, n: int, axis: str = "fsdp") -> P:
@@ -102,9 +122,14 @@ def fsdp_spec(shape, n: int, axis: str = "fsdp") -> P:
   return P(*[(axis if i == split else None) for i in range(len(shape))])
 
 
-def shardings(tx, params, mesh):
+def shardings(name, tx, params, mesh):
+  """The params' and the state's shardings: FSDP, or the leading axis for shard_map."""
   n = mesh.devices.size
-  param_sh = jax.tree.map(lambda p: NamedSharding(mesh, fsdp_spec(p.shape, n)), params)
+  if name in SHARD_MAP:
+    spec = lambda shape: P("fsdp")  # noqa: E731 -- every leading axis divides by 8
+  else:
+    spec = lambda shape: fsdp_spec(shape, n)  # noqa: E731
+  param_sh = jax.tree.map(lambda p: NamedSharding(mesh, spec(p.shape)), params)
   state_sh = optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
       transform_non_params=lambda _: NamedSharding(mesh, P()),
@@ -129,15 +154,35 @@ def batch(step: int) -> tuple[np.ndarray, np.ndarray]:
 batch.tokens = _common.char_splits(max_chars=20_000)[0]
 
 
-def make_train_step(apply, tx, param_sh, state_sh, batch_sh):
+def make_train_step(name, apply, tx, param_sh, state_sh, batch_sh):
+  """One jitted step, its in- and output shardings pinned, params and state donated."""
+  mesh = batch_sh.mesh
+
   def loss_fn(params, inputs, targets):
-    return optax.softmax_cross_entropy_with_integer_labels(apply(params, inputs), targets).mean()
+    per_row = optax.softmax_cross_entropy_with_integer_labels(
+        apply(params, inputs), targets).mean(axis=1)
+    return per_row.mean(), per_row
+
+  def local_update(params, opt_state, grads, local_loss):
+    # One device's slice of every leaf and the loss of its rows of the batch.
+    updates, opt_state = tx.update(grads, opt_state, params, value=local_loss[0])
+    return optax.apply_updates(params, updates), opt_state
 
   @functools.partial(jax.jit, in_shardings=(param_sh, state_sh, batch_sh, batch_sh),
                      out_shardings=(param_sh, state_sh, None), donate_argnums=(0, 1))
   def train_step(params, opt_state, inputs, targets):
-    loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    (loss, per_row), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs, targets)
+    if name in SHARD_MAP:
+      # The batch rows of device d are rows d*B/8 ... (d+1)*B/8 - 1.
+      local_losses = per_row.reshape(mesh.devices.size, -1).mean(axis=1)
+      spec = lambda tree: jax.tree.map(lambda s: s.spec, tree)  # noqa: E731
+      params, opt_state = jax.shard_map(
+          local_update, mesh=mesh,
+          in_specs=(spec(param_sh), spec(state_sh), spec(param_sh), P("fsdp")),
+          out_specs=(spec(param_sh), spec(state_sh)))(params, opt_state, grads, local_losses)
+      return params, opt_state, loss
+    extra = {"value": loss} if name in NEEDS_LOSS else {}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return train_step
@@ -187,21 +232,21 @@ def case_smoke(args):
        "sum": float(total), "gathered": np.asarray(gathered).tolist()})
 
 
-def train_state(apply, tx, params0, mesh, steps, *, start=None, manager=None, save_at=None):
+def train_state(name, apply, tx, params0, mesh, steps, *, start=None, manager=None, save_at=None):
   """Runs steps ``1..steps`` (or from ``start = (step, params, opt_state)``).
 
   Saves ``{"params", "opt_state", "step"}`` with ``manager`` after step
   ``save_at``. Returns the final params, state, losses and the state at
   ``save_at`` gathered to numpy.
   """
-  param_sh, state_sh = shardings(tx, params0, mesh)
+  param_sh, state_sh = shardings(name, tx, params0, mesh)
   batch_sh = NamedSharding(mesh, P("fsdp"))
   if start is None:
     first, params = 1, jax.tree.map(global_array, params0, param_sh)
     opt_state = jax.jit(tx.init, out_shardings=state_sh)(params)
   else:
     first, params, opt_state = start[0] + 1, start[1], start[2]
-  train_step = make_train_step(apply, tx, param_sh, state_sh, batch_sh)
+  train_step = make_train_step(name, apply, tx, param_sh, state_sh, batch_sh)
   losses, saved = [], None
   for step in range(first, steps + 1):
     inputs, targets = (global_array(a, batch_sh) for a in batch(step))
@@ -217,8 +262,8 @@ def train_state(apply, tx, params0, mesh, steps, *, start=None, manager=None, sa
   return params, opt_state, losses, saved
 
 
-def final_arrays(tx, params0, mesh, params, opt_state) -> dict:
-  param_sh, _ = shardings(tx, params0, mesh)
+def final_arrays(name, tx, params0, mesh, params, opt_state) -> dict:
+  param_sh, _ = shardings(name, tx, params0, mesh)
   x = jax.jit(sf_optax.eval_params, out_shardings=param_sh)(opt_state, params)
   check_shardings(x, param_sh)
   return {"params": params, "opt_state": opt_state, "eval_params": x}
@@ -231,25 +276,26 @@ def fsdp_mesh():
 def case_train(args):
   """FSDP training over all devices: params, state and eval_params after --steps steps.
 
-  With --checkpoint, every optimizer's state after step --save-at is saved (by
-  all processes, asynchronously) under CHECKPOINT/<optimizer>/<step> and
-  written to ``saved.npz`` as well.
+  With --checkpoint, the state of each optimizer of CHECKPOINTED after step
+  --save-at is saved (by all processes, asynchronously) under
+  CHECKPOINT/<optimizer>/<step> and written to ``saved.npz`` as well.
   """
   apply, params0, infshapes = model_and_params(args.init)
   mesh = fsdp_mesh()
   finals, saved, losses = {}, {}, {}
   for name, tx in optimizers(infshapes).items():
     manager = None
-    if args.checkpoint:
+    if args.checkpoint and name in CHECKPOINTED:
       manager = sf_optax.CheckpointManager(os.path.join(args.checkpoint, name), async_save=True)
     params, opt_state, losses[name], saved[name] = train_state(
-        apply, tx, params0, mesh, args.steps, manager=manager, save_at=args.save_at)
+        name, apply, tx, params0, mesh, args.steps, manager=manager, save_at=args.save_at)
     if manager is not None:
       manager.close()  # waits for the commit
-    finals[name] = final_arrays(tx, params0, mesh, params, opt_state)
+    finals[name] = final_arrays(name, tx, params0, mesh, params, opt_state)
   save_npz(os.path.join(args.out, "train.npz"), gather(finals))
   if args.checkpoint:
-    save_npz(os.path.join(args.out, "saved.npz"), flat(saved))
+    save_npz(os.path.join(args.out, "saved.npz"),
+             flat({name: saved[name] for name in CHECKPOINTED}))
   log({"case": "train", "process_count": jax.process_count(),
        "device_count": jax.device_count(), "losses": losses,
        "sharded_params": sum(not a.sharding.is_fully_replicated
@@ -261,17 +307,18 @@ def case_resume(args):
   apply, params0, infshapes = model_and_params(args.init)
   mesh = fsdp_mesh()
   finals, losses, restored_steps = {}, {}, {}
-  for name, tx in optimizers(infshapes).items():
-    param_sh, state_sh = shardings(tx, params0, mesh)
+  for name in CHECKPOINTED:
+    tx = optimizers(infshapes)[name]
+    param_sh, state_sh = shardings(name, tx, params0, mesh)
     target = abstract_state(tx, params0, param_sh, state_sh)
     with sf_optax.CheckpointManager(os.path.join(args.checkpoint, name)) as manager:
       restored = manager.restore(target)
     step = restored_steps[name] = restored["step"]
     check_shardings((restored["params"], restored["opt_state"]), (param_sh, state_sh))
     params, opt_state, losses[name], _ = train_state(
-        apply, tx, params0, mesh, args.steps,
+        name, apply, tx, params0, mesh, args.steps,
         start=(step, restored["params"], restored["opt_state"]))
-    finals[name] = final_arrays(tx, params0, mesh, params, opt_state)
+    finals[name] = final_arrays(name, tx, params0, mesh, params, opt_state)
   save_npz(os.path.join(args.out, "resume.npz"), gather(finals))
   log({"case": "resume", "process_count": jax.process_count(), "losses": losses,
        "restored_steps": restored_steps})
@@ -282,8 +329,9 @@ def case_restore(args):
   _, params0, infshapes = model_and_params(args.init)
   mesh = fsdp_mesh()
   restored_all, split, steps = {}, {}, {}
-  for name, tx in optimizers(infshapes).items():
-    param_sh, state_sh = shardings(tx, params0, mesh)
+  for name in CHECKPOINTED:
+    tx = optimizers(infshapes)[name]
+    param_sh, state_sh = shardings(name, tx, params0, mesh)
     with sf_optax.CheckpointManager(os.path.join(args.checkpoint, name)) as manager:
       restored = manager.restore(abstract_state(tx, params0, param_sh, state_sh))
     steps[name] = restored.pop("step")

@@ -28,7 +28,10 @@ import pytest
 import _multiprocess
 
 WORKER = pathlib.Path(__file__).with_name("_multiprocess_worker.py")
-OPTIMIZERS = ("adamw", "adamw_no_x")
+# Schedule-Free AdamW with and without x in the state, ScheduleFree+ under jit
+# and inside shard_map (explicit psum/pmean over the axis, across processes).
+OPTIMIZERS = ("adamw", "adamw_no_x", "plus", "plus_shard_map")
+CHECKPOINTED = ("adamw", "plus")
 # The attention key bias has an exactly zero gradient (softmax ignores a shift
 # shared by all keys): its value is rounding noise, different for every
 # reduction order, so it is compared in absolute terms (both runs ~1e-13).
@@ -223,10 +226,24 @@ def test_job_times(jobs):
                          for job in ("one", "two", "resume", "restore")))
 
 
+def assert_same_training(two, one, name, reference):
+  """params and eval_params of optimizer ``name`` in ``two`` equal ``reference``'s in ``one``."""
+  keys = [k for k in two if k.startswith(f"['{name}']") and "opt_state" not in k]
+  assert len(keys) == 2 * 22  # params and eval_params
+  for key in keys:
+    a, b = two[key], one[key.replace(f"['{name}']", f"['{reference}']", 1)]
+    assert a.dtype == b.dtype == np.float64, key
+    if ZERO_GRADIENT in key:
+      assert max(np.abs(a).max(), np.abs(b).max()) <= 1e-12, key
+      continue
+    error = np.abs(a - b).max() / np.abs(b).max()
+    assert error <= FLOAT64_TOLERANCE, (key, error)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fsdp_training_two_processes_equals_one(jobs, name):
-  """muP + Schedule-Free, FSDP over 8 devices: params and eval_params, float64."""
+  """muP + Schedule-Free over 8 devices: params and eval_params, float64."""
   two, one = jobs["two"], jobs["one"]
   assert (two["process_count"], one["process_count"]) == (2, 1)
   assert two["device_count"] == one["device_count"] == 8
@@ -234,27 +251,34 @@ def test_fsdp_training_two_processes_equals_one(jobs, name):
   np.testing.assert_allclose(two["losses"][name], one["losses"][name], rtol=FLOAT64_TOLERANCE)
   a, b = arrays(jobs, "two", "train.npz"), arrays(jobs, "one", "train.npz")
   assert sorted(a) == sorted(b)
-  keys = [k for k in b if k.startswith(f"['{name}']") and "opt_state" not in k]
-  assert len(keys) == 2 * 22  # params and eval_params
-  for key in keys:
-    assert a[key].dtype == np.float64, key
-    if ZERO_GRADIENT in key:
-      assert max(np.abs(a[key]).max(), np.abs(b[key]).max()) <= 1e-12, key
-      continue
-    error = np.abs(a[key] - b[key]).max() / np.abs(b[key]).max()
-    assert error <= FLOAT64_TOLERANCE, (key, error)
+  assert_same_training(a, b, name, name)
+
+
+@pytest.mark.slow
+def test_schedule_free_plus_sums_cross_the_processes(jobs):
+  """ScheduleFree+ inside shard_map, each device with a slice of every parameter and
+  the loss of its rows: with ``axis_name`` the L1 norm and the inner product are
+  psum'd and the loss pmean'd over the 8 devices of both processes, and the run
+  equals the 1-process run under jit (global sums and mean loss by XLA)."""
+  np.testing.assert_allclose(jobs["two"]["losses"]["plus_shard_map"],
+                             jobs["one"]["losses"]["plus"], rtol=FLOAT64_TOLERANCE)
+  assert_same_training(arrays(jobs, "two", "train.npz"), arrays(jobs, "one", "train.npz"),
+                       "plus_shard_map", "plus")
 
 
 @pytest.mark.slow
 def test_fresh_two_process_job_resumes_bitwise(jobs):
   """Written by 2 processes after step 2; a new 2-process job restores it and trains
   steps 3-4: params, optimizer state and eval_params bitwise equal the uninterrupted run."""
-  assert jobs["resume"]["restored_steps"] == {name: 2 for name in OPTIMIZERS}
-  assert jobs["resume"]["losses"] == {name: jobs["two"]["losses"][name][2:] for name in OPTIMIZERS}
+  assert jobs["resume"]["restored_steps"] == {name: 2 for name in CHECKPOINTED}
+  assert jobs["resume"]["losses"] == {
+      name: jobs["two"]["losses"][name][2:] for name in CHECKPOINTED}
   uninterrupted, resumed = arrays(jobs, "two", "train.npz"), arrays(jobs, "resume", "resume.npz")
-  assert sorted(uninterrupted) == sorted(resumed)
-  for key, value in uninterrupted.items():
-    assert value.dtype == resumed[key].dtype and np.array_equal(value, resumed[key]), key
+  assert sorted(resumed) == sorted(k for k in uninterrupted if k.split("]")[0][2:-1]
+                                   in CHECKPOINTED)
+  for key, value in resumed.items():
+    assert value.dtype == uninterrupted[key].dtype, key
+    assert np.array_equal(value, uninterrupted[key]), key
 
 
 @pytest.mark.slow
@@ -263,9 +287,9 @@ def test_one_process_restores_on_another_mesh_bitwise(jobs):
   step 2 bitwise, every leaf with the new mesh's sharding (checked in the worker)."""
   record = jobs["restore"]
   assert (record["process_count"], record["device_count"]) == (1, 2)
-  assert record["restored_steps"] == {name: 2 for name in OPTIMIZERS}
-  # params, z, x and the second moments of the 22 tensors (no x without store_x).
-  assert record["split_leaves"] == {"adamw": 4 * 22, "adamw_no_x": 3 * 22}
+  assert record["restored_steps"] == {name: 2 for name in CHECKPOINTED}
+  # params, z, x and the moments (AdamW: the second; ScheduleFree+: both) of the 22 tensors.
+  assert record["split_leaves"] == {"adamw": 4 * 22, "plus": 5 * 22}
   saved, restored = arrays(jobs, "two", "saved.npz"), arrays(jobs, "restore", "restored.npz")
   assert sorted(saved) == sorted(restored)
   for key, value in saved.items():

@@ -12,17 +12,18 @@ the test compares to ``OUT_DIR`` (``.npz``). Runs in float64.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import _multiprocess
 
 jax = _multiprocess.initialize()
 jax.config.update("jax_enable_x64", True)
-
-import functools  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -126,7 +127,9 @@ def shardings(name, tx, params, mesh):
   """The params' and the state's shardings: FSDP, or the leading axis for shard_map."""
   n = mesh.devices.size
   if name in SHARD_MAP:
-    spec = lambda shape: P("fsdp")  # noqa: E731 -- every leading axis divides by 8
+    bad = [p.shape for p in jax.tree.leaves(params) if p.shape[0] % n]
+    assert not bad, f"shard_map splits every leading axis over {n} devices: {bad}"
+    spec = lambda shape: P("fsdp")  # noqa: E731
   else:
     spec = lambda shape: fsdp_spec(shape, n)  # noqa: E731
   param_sh = jax.tree.map(lambda p: NamedSharding(mesh, spec(p.shape)), params)
@@ -395,9 +398,6 @@ def case_save_loop(args):
   (max_to_keep=2, so older steps are removed as it goes); --kill-process
   (0, 1 or "both") is SIGKILLed --kill-after seconds after the first save began.
   """
-  import signal
-  import threading
-
   mesh = fsdp_mesh()
   manager = sf_optax.CheckpointManager(args.checkpoint, max_to_keep=2)
   steps = manager.all_steps()

@@ -190,6 +190,8 @@ def main(argv=None):
   _common.add_common_args(parser, default_out="out/sharded_training")
   args = parser.parse_args(argv)
 
+  if args.num_processes is not None and args.num_processes < 1:
+    parser.error(f"--num-processes must be at least 1, got {args.num_processes}")
   if args.num_processes and not (args.distributed or args.coordinator_address):
     if args.process_id is not None:
       parser.error("--process-id needs --coordinator-address (the address of process 0)")

@@ -25,9 +25,16 @@ all hosts, each process feeds only its own rows of the global batch
 code. Checkpoints (``--checkpoint DIR``, Orbax) are written collectively by all
 processes to a directory every host can reach.
 
+The same multi-controller runtime runs on one machine: ``--num-processes N``
+without a coordinator address starts this script N times on loopback, each
+process with 8/N of the 8 virtual CPU devices, their collectives going
+through Gloo (``jax_cpu_collectives_implementation="gloo"``) -- real
+cross-process all-reduces, as between hosts.
+
 Usage::
 
   python examples/sharded_training.py                  # about 2 minutes on 2 CPU cores
+  python examples/sharded_training.py --num-processes 2   # 2 processes x 4 devices
   python examples/sharded_training.py --compare-single-device
   python examples/sharded_training.py --help
 
@@ -38,20 +45,29 @@ from __future__ import annotations
 
 import os
 
+# What the user set, for the processes --num-processes starts on this machine.
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+VIRTUAL_DEVICES = 8
+_VIRTUAL_DEVICE_FLAGS = (
+    " --xla_cpu_multi_thread_eigen=false"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+)
+
 # Before JAX is imported: 8 virtual CPU devices unless the user chose otherwise.
 # The virtual devices share one thread pool; multi-threaded Eigen kernels inside
 # them can starve a device that a collective waits for (a deadlock, which XLA
 # turns into an abort after 40 s), so they run single-threaded here.
 if "XLA_FLAGS" not in os.environ:
   os.environ["XLA_FLAGS"] = (
-      "--xla_force_host_platform_device_count=8"
-      " --xla_cpu_multi_thread_eigen=false"
-      " --xla_cpu_collective_call_terminate_timeout_seconds=600"
-  )
+      f"--xla_force_host_platform_device_count={VIRTUAL_DEVICES}{_VIRTUAL_DEVICE_FLAGS}")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,6 +115,53 @@ def local_batch(tokens, step: int, global_batch: int, seq_len: int, seed: int):
   return windows[:, :-1], windows[:, 1:]
 
 
+def run_local_processes(argv: list[str], num_processes: int, grace_s: float = 10.0) -> int:
+  """Runs this script as ``num_processes`` connected JAX processes on this machine.
+
+  Each gets ``--coordinator-address 127.0.0.1:PORT --process-id i`` (a free
+  loopback port) and, unless ``XLA_FLAGS`` is set, ``VIRTUAL_DEVICES /
+  num_processes`` virtual CPU devices. Process 0 prints. If one process
+  fails, the others are stopped after ``grace_s`` seconds (they would wait in
+  a collective for it); none outlives this function. Returns the worst exit code.
+  """
+  if VIRTUAL_DEVICES % num_processes and _USER_XLA_FLAGS is None:
+    raise SystemExit(f"--num-processes {num_processes} must divide the {VIRTUAL_DEVICES}"
+                     " virtual devices")
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ)
+  if _USER_XLA_FLAGS is None:
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count="
+                        f"{VIRTUAL_DEVICES // num_processes}{_VIRTUAL_DEVICE_FLAGS}")
+  procs = []
+  try:
+    for i in range(num_processes):
+      procs.append(subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), *argv,
+           "--coordinator-address", f"127.0.0.1:{port}", "--process-id", str(i)],
+          env=env, start_new_session=True))
+    failed_at = None
+    while [p.poll() for p in procs].count(None):  # poll every one (no short circuit)
+      if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+        failed_at = time.monotonic()
+      if failed_at is not None and time.monotonic() > failed_at + grace_s:
+        break
+      time.sleep(0.1)
+  finally:
+    for p in procs:  # also on Ctrl-C: each process group, with whatever it started
+      if p.poll() is None:
+        try:
+          os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
+      p.wait()
+  codes = [p.returncode for p in procs]
+  if any(codes):
+    print(f"exit codes of the {num_processes} processes: {codes}", file=sys.stderr)
+  return max(codes, key=abs)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--width", type=int, default=128)
@@ -120,12 +183,26 @@ def main(argv=None):
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() (multi-host)")
   parser.add_argument("--coordinator-address", default=None)
-  parser.add_argument("--num-processes", type=int, default=None)
+  parser.add_argument("--num-processes", type=int, default=None,
+                      help="with --coordinator-address: the number of hosts' processes;"
+                           " alone: run N processes on this machine (loopback)")
   parser.add_argument("--process-id", type=int, default=None)
   _common.add_common_args(parser, default_out="out/sharded_training")
   args = parser.parse_args(argv)
 
+  if args.num_processes is not None and args.num_processes < 1:
+    parser.error(f"--num-processes must be at least 1, got {args.num_processes}")
+  if args.num_processes and not (args.distributed or args.coordinator_address):
+    if args.process_id is not None:
+      parser.error("--process-id needs --coordinator-address (the address of process 0)")
+    code = run_local_processes(sys.argv[1:] if argv is None else list(argv), args.num_processes)
+    if code:
+      raise SystemExit(code)
+    return None
   if args.distributed or args.coordinator_address:
+    # CPU collectives between processes go through Gloo (the CPU backend has
+    # none by default); accelerators use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Before any other JAX call; afterwards jax.devices() lists every host's devices.
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)

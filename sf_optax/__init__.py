@@ -11,6 +11,7 @@ from sf_optax._adan import schedule_free_adan
 from sf_optax._eval_params import eval_params
 from sf_optax._optimizers import schedule_free_adamw
 from sf_optax._optimizers import schedule_free_adamw_paper
+from sf_optax._optimizers import schedule_free_plus
 from sf_optax._optimizers import schedule_free_radam
 from sf_optax._optimizers import schedule_free_sgd
 from sf_optax._per_parameter import parameter_path_name
@@ -18,6 +19,8 @@ from sf_optax._per_parameter import per_parameter_values
 from sf_optax._schedule_free import ScheduleFreeState
 from sf_optax._wrapper import schedule_free
 from sf_optax._z_steps import AdanState
+from sf_optax._z_steps import MomentsState
+from sf_optax._z_steps import ScheduleFreePlusState
 from sf_optax._z_steps import SecondMomentState
 
 __version__ = "0.1.0"
@@ -50,6 +53,8 @@ __all__ = (
     "AdanState",
     "CheckpointError",
     "CheckpointManager",
+    "MomentsState",
+    "ScheduleFreePlusState",
     "ScheduleFreeState",
     "SecondMomentState",
     "eval_model",
@@ -64,6 +69,7 @@ __all__ = (
     "schedule_free_adan",
     "schedule_free_adamw",
     "schedule_free_adamw_paper",
+    "schedule_free_plus",
     "schedule_free_radam",
     "schedule_free_sgd",
 )

@@ -1,4 +1,4 @@
-"""The built-in Schedule-Free optimizers: SGD, AdamW, AdamW (paper variant), RAdam.
+"""The built-in Schedule-Free optimizers: SGD, AdamW, AdamW (paper variant), RAdam, ScheduleFree+.
 
 Each is one z-step of ``_z_steps`` plus the common settings (``_family``).
 """
@@ -10,6 +10,7 @@ from typing import Any
 import optax
 
 from sf_optax import _family
+from sf_optax import _validation
 from sf_optax import _z_steps
 
 
@@ -63,6 +64,7 @@ def schedule_free_adamw(
     *,
     b2: Any = 0.999,
     eps: Any = 1e-8,
+    inner_momentum: Any = 0.0,
     **common: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Schedule-Free AdamW.
@@ -79,15 +81,25 @@ def schedule_free_adamw(
 
   then x and y move as in :func:`schedule_free_sgd`.
 
+  With ``inner_momentum`` :math:`\mu > 0` (the reference after its version
+  1.4.1, ``AdamWScheduleFree(inner_momentum=...)``), the gradient in the
+  numerator is replaced by its exponential average with its own bias
+  correction, :math:`m_t = \mu m_{t-1} + (1 - \mu) g_t` and
+  :math:`u_t = \frac{m_t / (1 - \mu^t)}{\sqrt{v_t / (1 - b_2^t)} + \epsilon}
+  + \lambda y_t`; with 0 (the default) no buffer for m is allocated.
+
   Args:
     learning_rate: a float or an Optax schedule; multiplied by the warmup.
     b2: decay of the second-moment average, in [0, 1).
     eps: added to the denominator.
+    inner_momentum: decay of the average of gradients inside the z-step, in
+      [0, 1); 0 keeps the plain gradient and allocates nothing.
     COMMON_SETTINGS
 
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`ScheduleFreeState`
-    whose ``base_state`` holds v.
+    whose ``base_state`` holds v (a :class:`SecondMomentState`), or m and v (a
+    :class:`MomentsState`) with inner momentum.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sf_optax
@@ -106,7 +118,8 @@ def schedule_free_adamw(
     2024
   """
   return _family.optimizer(
-      _z_steps.adamw(b2, eps), learning_rate, common, owner="schedule_free_adamw"
+      _z_steps.adamw(b2, eps, inner_momentum), learning_rate, common,
+      owner="schedule_free_adamw",
   )
 
 
@@ -200,3 +213,164 @@ def schedule_free_radam(
       _z_steps.radam(b2, eps, silent_sgd_phase), learning_rate, common,
       owner="schedule_free_radam",
   )
+
+
+def schedule_free_plus(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    b1: Any = 0.9,
+    b2: Any = 0.95,
+    sf_b1: Any = 0.9,
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    r: Any = 0.0,
+    polyak_b: Any = 0.0,
+    c_warmup: int = 0,
+    sf_b1_anneal_steps: int = 0,
+    sf_b1_max: Any = 0.965,
+    weight_lr_power: Any = 2.0,
+    axis_name: Any = None,
+    mask: Any = None,
+    lr_scales: Any = None,
+    weight_decay_scales: Any = None,
+    warmup_steps: int = 0,
+    weight_decay_at: str = "y",
+    state_dtype: Any = None,
+    store_x: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""ScheduleFree+: learning-rate-free Schedule-Free AdamW with a Polyak step size.
+
+  The reference's ``AdamCScheduleFreePlusPaper`` (Defazio, 2026). Each update
+  needs the loss at the params, passed as ``value`` (like
+  ``optax.polyak_sgd``)::
+
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+
+  Step k (k counts from 0) with gradient :math:`g` and loss :math:`f` at y:
+
+  .. math::
+
+    eta_k &= 1 - (1 - eta)^{1 - p_k} (1 - eta_{\max})^{p_k}, \quad
+      p_k = \min(k / K, 1) \
+    e_k &= rac{ho\, e_{k-1} + (1 - ho) \sqrt{\pi / 2}\, \|g\|_1}{1 - ho^{k+1}}
+      \
+    \gamma_k &= \max(\eta_k, \epsilon)\,
+      rac{\max(0,\ f + eta_k \langle g, z - x angle)}{e_k} \
+    z &\leftarrow z - \gamma_k^2 \lambda\, y
+      - \gamma_k rac{m_k / (1 - b_1^{k+1})}{\sqrt{v_k / (1 - b_2^{k+1})} + \epsilon}
+      \
+    x &\leftarrow (1 - c_k)\, x + c_k z, \quad
+    y = eta_k x + (1 - eta_k) z,
+
+  with :math:`eta` = ``sf_b1``, :math:`eta_{\max}` = ``sf_b1_max``, K =
+  ``sf_b1_anneal_steps`` (no annealing when 0), :math:`ho` = ``polyak_b``,
+  :math:`\eta_k` the learning rate (a multiplier of the Polyak rate, 1 by
+  default), m and v Adam's averages of g and g² (``b1``, ``b2``). The weight
+  decay is AdamC's: it scales with the square of the step size, so its values
+  are tens, not AdamW's 0.1. The averaging weight is the family's,
+  :math:`c_k = w_k / \sum_{i \le k} w_i` with :math:`w_k = (k+1)^r\,
+  \gamma_{\max}^{p}` and :math:`\gamma_{\max}` starting at eps, except that for
+  the first ``c_warmup`` steps c = 1 (x follows z) and nothing is accumulated.
+
+  As in the reference, the bias-corrected L1 estimate :math:`e_k` is what is
+  kept for the next step (``group['grad_l1_ema'] = grad_l1_ema_corr``): with
+  ``polyak_b`` > 0 the division by :math:`1 - ho^{k+1}` compounds over the
+  first steps (with :math:`ho = 0.9` the estimate reaches about 4000 times
+  the gradient's size around step 20 for a constant gradient, then decays back),
+  which makes the first steps short. This is matched, not corrected.
+
+  The step size is global: the L1 norm, the inner product and the loss are
+  taken over all parameters. Under ``jit`` with sharded arrays (FSDP,
+  ``NamedSharding``) that is automatic. Inside ``shard_map`` or ``pmap`` with
+  the parameters split over an axis, give ``axis_name``: the two sums are then
+  added over it and the loss averaged over it, as the reference all-reduces
+  for sharded (DTensor) gradients. With replicated parameters (data
+  parallelism) leave it None and pass the loss averaged over the devices.
+  A zero gradient gives a zero step (the reference divides by zero).
+
+  The step size, the Polyak rate and the L1 estimate of the last step are in
+  the state, for logging: ``optax.tree.get(opt_state, "step_size")``,
+  ``"polyak_rate"`` and ``"grad_l1_ema"`` (a :class:`ScheduleFreePlusState`).
+
+  Args:
+    learning_rate: a multiplier of the Polyak rate (float or Optax schedule; the
+      reference's group ``lr``, which users change for a warmup), floored at
+      eps.
+    b1: decay of Adam's first moment, in [0, 1).
+    b2: decay of Adam's second moment, in [0, 1).
+    sf_b1: Schedule-Free's interpolation between x and z (the other
+      optimizers' ``b1``), in (0, 1).
+    eps: added to Adam's denominator; also the floor of the learning rate and
+      the initial lr_max.
+    weight_decay: AdamC's decay: z moves by ``-(step size)**2 * weight_decay *
+      y``.
+    r: polynomial weighting power of the average.
+    polyak_b: decay of the L1 estimate, in [0, 1); 0 uses the current norm.
+    c_warmup: number of first steps with c = 1 (the reference recommends 1-2
+      times the learning-rate warmup).
+    sf_b1_anneal_steps: number of steps over which ``sf_b1`` is annealed to
+      ``sf_b1_max`` (in log space on 1 - sf_b1); 0 keeps ``sf_b1``.
+    sf_b1_max: the end of the annealing, in (0, 1).
+    weight_lr_power: power of the largest step size in the averaging weights.
+    axis_name: a mapped axis (``shard_map``, ``pmap``) over which the
+      parameters are split: the L1 norm and the inner product are summed over
+      it and the loss averaged.
+    mask: which params decay (given as to :func:`schedule_free_adamw`).
+    lr_scales: per-parameter multipliers of the step size (μP:
+      ``mup_flax.schedule_free_scales``), like torch parameter groups with
+      ``lr * scale``: the Polyak rate stays global, each parameter moves by
+      ``scale * step size`` and decays by ``(scale * step size)**2 *
+      weight_decay * weight_decay_scale``.
+    weight_decay_scales: per-parameter multipliers of ``weight_decay``.
+    warmup_steps: linear warmup (k+1)/warmup_steps of ``learning_rate`` (the
+      reference's way: the group lr set by hand).
+    weight_decay_at: "y" (the reference) or "z".
+    state_dtype: dtype of z, x, m and v; None keeps the params' dtypes.
+    store_x: keep x in the state (default) or reconstruct it from y and z.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with a :class:`ScheduleFreeState`
+    whose ``base_state`` is a :class:`ScheduleFreePlusState`.
+
+  Raises:
+    ValueError: from ``update`` when ``value`` is missing.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sf_optax
+    >>> tx = sf_optax.schedule_free_plus()  # no learning rate to tune
+    >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    >>> loss_fn = lambda p: jnp.sum((p["w"] - 0.5) ** 2)
+    >>> opt_state = tx.init(params)
+    >>> for _ in range(100):
+    ...   loss, grads = jax.value_and_grad(loss_fn)(params)
+    ...   updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    ...   params = optax.apply_updates(params, updates)
+    >>> x = sf_optax.eval_params(opt_state, params)
+    >>> bool(loss_fn(x) < 1e-2 * loss_fn({"w": jnp.array([1.0, -2.0, 3.0])}))
+    True
+    >>> step_size = optax.tree.get(opt_state, "step_size")  # for logging
+
+  References:
+    Defazio, `ScheduleFree+: Scaling Learning-Rate-Free & Schedule-Free Learning
+    to Large Language Models <https://arxiv.org/abs/2605.19095>`_, 2026;
+    Defazio et al, `The Road Less Scheduled <https://arxiv.org/abs/2405.15682>`_,
+    2024
+  """
+  # Named as in the reference: b1 and b2 are Adam's, sf_b1 is the Schedule-Free
+  # interpolation (the family's common ``b1``), hence no ``_family.member``.
+  _validation.check_scalar("sf_b1", sf_b1, lower=0.0, upper=1.0, lower_open=True)
+  _validation.check_scalar("sf_b1_max", sf_b1_max, lower=0.0, upper=1.0, lower_open=True)
+  _validation.check_decay("sf_b1_max", sf_b1_max)
+  _validation.check_step_count("c_warmup", c_warmup)
+  _validation.check_step_count("sf_b1_anneal_steps", sf_b1_anneal_steps)
+  z_step = _z_steps.schedule_free_plus(
+      b1, b2, eps, sf_b1=sf_b1, sf_b1_max=sf_b1_max, sf_b1_anneal_steps=sf_b1_anneal_steps,
+      polyak_b=polyak_b, c_warmup=c_warmup, axis_name=axis_name,
+  )
+  common = dict(
+      b1=sf_b1, weight_decay=weight_decay, weight_decay_at=weight_decay_at, mask=mask,
+      lr_scales=lr_scales, weight_decay_scales=weight_decay_scales, warmup_steps=warmup_steps,
+      r=r, weight_lr_power=weight_lr_power, state_dtype=state_dtype, store_x=store_x,
+  )
+  return _family.optimizer(z_step, learning_rate, common, owner="schedule_free_plus")

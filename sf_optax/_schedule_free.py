@@ -74,29 +74,55 @@ class _Scalars(NamedTuple):
   averaging: _averaging.Averaging
 
 
-def _step_scalars(z_step: ZStep, settings: Settings, state: ScheduleFreeState) -> _Scalars:
+def _step_scalars(
+    z_step: ZStep, settings: Settings, state: ScheduleFreeState, step_size_of=None
+) -> tuple[_Scalars, optax.OptState]:
+  """The scalars of step k, and the z-step's state (updated by its step-size rule, if any).
+
+  ``step_size_of(lr, b1) -> (step size, base_state)`` is the z-step's rule
+  bound to this step's gradient and iterates.
+  """
   dtype = state.weight_sum.dtype
   count = state.count
   lr = _averaging.learning_rate_at(
       settings.learning_rate, count, dtype, warmup_steps=settings.warmup_steps,
       factor=z_step.learning_rate_factor,
   )
+  if z_step.b1_schedule is None:
+    b1 = jnp.asarray(settings.b1, dtype)
+  else:
+    b1 = z_step.b1_schedule(count, dtype)
+  base_state = state.base_state
+  if step_size_of is not None:
+    lr, base_state = step_size_of(lr, b1)
   if not z_step.applies_learning_rate:
     step_size = -lr
   elif _validation.is_zero(settings.warmup_steps):
     step_size = None
   else:
     step_size = _averaging.warmup_factor(count, settings.warmup_steps, dtype)
-  return _Scalars(
+  averaging = _averaging.averaging_step(
+      count, lr, state.lr_max, state.weight_sum, state.weight_sum_compensation,
+      r=settings.r, weight_lr_power=settings.weight_lr_power,
+  )
+  if not _validation.is_zero(z_step.c_warmup):
+    # x follows z (c = 1) and no weight is accumulated; lr_max still grows.
+    warm = count < jnp.asarray(z_step.c_warmup, count.dtype)
+    averaging = averaging._replace(
+        c=jnp.where(warm, jnp.ones([], dtype), averaging.c),
+        weight_sum=jnp.where(warm, state.weight_sum, averaging.weight_sum),
+        weight_sum_compensation=jnp.where(
+            warm, state.weight_sum_compensation, averaging.weight_sum_compensation),
+    )
+  decay_rate = lr if z_step.decay_power == 1 else lr ** z_step.decay_power
+  scalars = _Scalars(
       learning_rate=lr,
       step_size=step_size,
-      decay_rate=lr * jnp.asarray(settings.weight_decay, dtype),
-      b1=jnp.asarray(settings.b1, dtype),
-      averaging=_averaging.averaging_step(
-          count, lr, state.lr_max, state.weight_sum, state.weight_sum_compensation,
-          r=settings.r, weight_lr_power=settings.weight_lr_power,
-      ),
+      decay_rate=decay_rate * jnp.asarray(settings.weight_decay, dtype),
+      b1=b1,
+      averaging=averaging,
   )
+  return scalars, base_state
 
 
 def _per_leaf(value: Any, params: optax.Params, name: str, convert) -> Optional[list[float]]:
@@ -106,14 +132,19 @@ def _per_leaf(value: Any, params: optax.Params, name: str, convert) -> Optional[
   return jax.tree.leaves(per_parameter_values(value, params, name=name, convert=convert))
 
 
-def _decay_factors(settings: Settings, params: optax.Params, n_leaves: int) -> list[float]:
-  """mask * lr_scale * weight_decay_scale per leaf (all 0 when there is no decay)."""
+def _decay_factors(
+    settings: Settings, params: optax.Params, n_leaves: int, decay_power: int = 1
+) -> list[float]:
+  """mask * lr_scale**decay_power * weight_decay_scale per leaf (all 0 without decay)."""
   if _validation.is_zero(settings.weight_decay):
     return [0.0] * n_leaves
   factors = [1.0] * n_leaves
+  lr_scales = _per_leaf(settings.lr_scales, params, "lr_scales", _validation.static_float)
+  if lr_scales is not None and decay_power != 1:
+    lr_scales = [scale ** decay_power for scale in lr_scales]
   for part in (
       _per_leaf(settings.mask, params, "mask", _validation.static_bool),
-      _per_leaf(settings.lr_scales, params, "lr_scales", _validation.static_float),
+      lr_scales,
       _per_leaf(
           settings.weight_decay_scales, params, "weight_decay_scales", _validation.static_float
       ),
@@ -170,8 +201,12 @@ def _steps_for_y(z_step, steps, updates, base_state, scalars, count, scales, tre
   )
 
 
-def _move(y, z, x, step, step_for_y, term, c, b1):
-  """One leaf of the step: (update y' - y, z', x'), computed in float32 or wider."""
+def _move(y, z, x, step, step_for_y, term, c, b1, previous_b1=None):
+  """One leaf of the step: (update y' - y, z', x'), computed in float32 or wider.
+
+  ``previous_b1``, when b1 changes from step to step, is the b1 that made y: with
+  ``store_x=False`` x = (y - (1 - b1') z) / b1' then.
+  """
   compute = _averaging.float32_or_wider(y.dtype, z.dtype)
   y_c, z_c = y.astype(compute), z.astype(compute)
 
@@ -187,7 +222,14 @@ def _move(y, z, x, step, step_for_y, term, c, b1):
     return (y_next - y_c).astype(y.dtype), z_next.astype(z.dtype), x_next.astype(x.dtype)
   # Written with z' rather than z so that no kernel reads the old z after z'
   # may have overwritten it in place (otherwise XLA copies z).
-  update = c_c * (z_next - y_c) + (1 - c_c) * (1 - b1_c) * change_of_z(step_for_y)
+  delta_for_y = change_of_z(step_for_y)
+  update = c_c * (z_next - y_c) + (1 - c_c) * (1 - b1_c) * delta_for_y
+  if previous_b1 is not None:
+    # With rho = b1 / b1', x = (y - (1 - b1') z) / b1' gives
+    # y' - y = c (z' - y) + (1 - c) (1 - b1) (z' - z) + (1 - c) (rho - 1) (y - z);
+    # the last term is exactly 0 while b1 does not change.
+    rho = b1_c / previous_b1.astype(compute)
+    update = update + (1 - c_c) * (rho - 1) * (delta_for_y - (z_next - y_c))
   return update.astype(y.dtype), z_next.astype(z.dtype), None
 
 
@@ -237,7 +279,7 @@ def schedule_free_transform(
         x=_copy_as(params, state_dtype) if store_x else None,
         weight_sum=jnp.zeros([], dtype),
         weight_sum_compensation=jnp.zeros([], dtype),
-        lr_max=jnp.zeros([], dtype),
+        lr_max=jnp.asarray(z_step.initial_lr_max, dtype),
         b1=jnp.asarray(settings.b1, dtype),
         base_state=z_step.init(z),
     )
@@ -247,7 +289,17 @@ def schedule_free_transform(
     # Python scalar leaves are accepted, as by Optax's own transformations.
     updates, params = jax.tree.map(jnp.asarray, (updates, params))
     count = state.count
-    scalars = _step_scalars(z_step, settings, state)
+    step_size_of = None
+    if z_step.step_size is not None:
+
+      def step_size_of(learning_rate, b1):
+        return z_step.step_size(
+            updates, state.base_state, params=params, z=state.z, x=state.x,
+            previous_b1=state.b1, b1=b1, learning_rate=learning_rate, count=count,
+            **extra_args,
+        )
+
+    scalars, base_state = _step_scalars(z_step, settings, state, step_size_of)
     treedef = jax.tree.structure(params)
     leaves_y = treedef.flatten_up_to(params)
     leaves_z = treedef.flatten_up_to(state.z)
@@ -255,14 +307,16 @@ def schedule_free_transform(
 
     decay_terms = [
         _decay_term(y, z, factor, scalars.decay_rate, settings.weight_decay_at)
-        for y, z, factor in zip(leaves_y, leaves_z, _decay_factors(settings, params, len(leaves_y)))
+        for y, z, factor in zip(
+            leaves_y, leaves_z,
+            _decay_factors(settings, params, len(leaves_y), z_step.decay_power))
     ]
     z_seen = treedef.unflatten([
         z if term is None else (z.astype(term.dtype) - term).astype(z.dtype)
         for z, term in zip(leaves_z, decay_terms)
     ])
     directions, base_state = z_step.update(
-        updates, state.base_state, z_seen, learning_rate=scalars.learning_rate, count=count,
+        updates, base_state, z_seen, learning_rate=scalars.learning_rate, count=count,
         **extra_args,
     )
     steps = _scaled_steps(treedef.flatten_up_to(directions), scalars.step_size, scales)
@@ -272,8 +326,9 @@ def schedule_free_transform(
           z_step, steps, updates, base_state, scalars, count, scales, treedef
       )
     leaves_x = treedef.flatten_up_to(state.x) if store_x else [None] * len(leaves_y)
+    previous_b1 = None if z_step.b1_schedule is None or store_x else state.b1
     moved = [
-        _move(*leaf, scalars.averaging.c, scalars.b1)
+        _move(*leaf, scalars.averaging.c, scalars.b1, previous_b1)
         for leaf in zip(leaves_y, leaves_z, leaves_x, steps, steps_for_y, decay_terms)
     ]
     new_state = ScheduleFreeState(

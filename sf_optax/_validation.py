@@ -184,6 +184,15 @@ def check_parameter_dtypes(params: Any) -> None:
     )
 
 
+def check_step_count(name: str, value: Any) -> None:
+  """A number of steps must be a nonnegative integer."""
+  if not is_concrete(value):
+    return
+  check_scalar(name, value, lower=0.0)
+  if float(value) != int(float(value)):
+    raise ValueError(f"{name} must be an integer, got {value!r}.")
+
+
 def check_warmup_steps(warmup_steps: Any) -> None:
   check_scalar("warmup_steps", warmup_steps, lower=0.0)
   if not is_concrete(warmup_steps):

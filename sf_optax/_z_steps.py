@@ -25,6 +25,7 @@ buffers in their own dtype (the dtype of z: ``state_dtype``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
@@ -69,6 +70,20 @@ class ZStep(NamedTuple):
     applies_learning_rate: whether u is already a step (a wrapped Optax
       optimizer applies its own learning rate): then z moves by
       ``warmup * lr_scale * u`` rather than ``-lr * lr_scale * u``.
+    step_size: optional ``(updates, state, *, params, z, x, previous_b1, b1,
+      learning_rate, count, **extra_args) -> (step_size, state)``: a step size
+      computed in the step from the gradient and the iterates (x is None with
+      ``store_x=False``; previous_b1 is the b1 that made y from x and z). It
+      replaces the learning rate of step k everywhere (the z-step, lr_max, the
+      averaging weights, the decay). ScheduleFree+'s Polyak rule.
+    decay_power: the weight decay moves z by ``(lr * lr_scale)**decay_power *
+      weight_decay * weight_decay_scale * w``: 1 is decoupled decay, 2 AdamC's.
+    b1_schedule: optional ``(count, dtype) -> b1`` of step k, replacing the
+      constant b1 (ScheduleFree+'s annealed Schedule-Free momentum).
+    c_warmup: for the first ``c_warmup`` steps c = 1 (x follows z) and no
+      averaging weight is accumulated.
+    initial_lr_max: lr_max before the first step (the reference's -1 or 0 is
+      the same for lr >= 0; ScheduleFree+ starts at eps).
   """
 
   init: Callable[[optax.Params], optax.OptState]
@@ -76,12 +91,34 @@ class ZStep(NamedTuple):
   direction: Optional[Callable[..., optax.Updates]] = None
   learning_rate_factor: Optional[Callable[[jax.Array, Any], jax.Array]] = None
   applies_learning_rate: bool = False
+  step_size: Optional[Callable[..., tuple[jax.Array, optax.OptState]]] = None
+  decay_power: int = 1
+  b1_schedule: Optional[Callable[[jax.Array, Any], jax.Array]] = None
+  c_warmup: Any = 0
+  initial_lr_max: Any = 0.0
 
 
 class SecondMomentState(NamedTuple):
   """State of an adaptive z-step."""
 
   nu: optax.Params  # like z: exponential average of squared gradients
+
+
+class MomentsState(NamedTuple):
+  """State of Schedule-Free AdamW's z-step with inner momentum."""
+
+  mu: optax.Params  # like z: exponential average of gradients (the inner momentum)
+  nu: optax.Params  # like z: exponential average of squared gradients
+
+
+class ScheduleFreePlusState(NamedTuple):
+  """State of ScheduleFree+'s z-step: Adam's moments and the Polyak rule's scalars."""
+
+  mu: optax.Params  # like z: exponential average of gradients
+  nu: optax.Params  # like z: exponential average of squared gradients
+  grad_l1_ema: jax.Array  # [] float32 or wider: the stored (bias-corrected) L1 estimate
+  polyak_rate: jax.Array  # [] like grad_l1_ema: max(0, f + ip) / grad_l1_ema of the last step
+  step_size: jax.Array  # [] like grad_l1_ema: the last step's step size, lr * polyak_rate
 
 
 class AdanState(NamedTuple):
@@ -175,9 +212,75 @@ def _second_moment(
   return ZStep(init, update, direction, learning_rate_factor)
 
 
-def adamw(b2: Any, eps: Any) -> ZStep:
-  """Adam's direction with the bias correction inside the square root (the reference's AdamW)."""
-  return _second_moment(b2, eps, bias_correct=True)
+def _moments(first: Any, b2: Any, eps: Any):
+  """Adam's two averages and its direction (m / (1 - first^t)) / (sqrt(v / (1 - b2^t)) + eps).
+
+  Returns ``(averages, direction)``: ``averages(updates, mu, nu, dtype) -> (mu,
+  nu)`` updates both averages (cast back to their dtypes); ``direction(mu, nu,
+  count, dtype)`` is the direction from them.
+  """
+
+  def averages(updates, mu, nu, dtype):
+    def one(g, m, v):
+      compute = _compute_dtype(g, m, v)
+      g = g.astype(compute)
+      first_c = jnp.asarray(first, dtype).astype(compute)
+      b2_c = jnp.asarray(b2, dtype).astype(compute)
+      return ((first_c * m.astype(compute) + (1 - first_c) * g).astype(m.dtype),
+              (b2_c * v.astype(compute) + (1 - b2_c) * g * g).astype(v.dtype))
+
+    treedef = jax.tree.structure(updates)
+    pairs = [one(*leaves) for leaves in zip(
+        treedef.flatten_up_to(updates), treedef.flatten_up_to(mu), treedef.flatten_up_to(nu))]
+    return (treedef.unflatten([m for m, _ in pairs]), treedef.unflatten([v for _, v in pairs]))
+
+  def direction(mu, nu, count, dtype):
+    correction1 = _averaging.bias_correction(first, count, dtype)
+    correction2 = _averaging.bias_correction(b2, count, dtype)
+
+    def one(m, v):
+      compute = _compute_dtype(m, v)
+      denominator = jnp.sqrt(v.astype(compute) / correction2.astype(compute)) + jnp.asarray(
+          eps, dtype).astype(compute)
+      return (m.astype(compute) / correction1.astype(compute)) / denominator
+
+    return jax.tree.map(one, mu, nu)
+
+  return averages, direction
+
+
+def adamw(b2: Any, eps: Any, inner_momentum: Any = 0.0) -> ZStep:
+  """Adam's direction with the bias correction inside the square root (the reference's AdamW).
+
+  With ``inner_momentum`` mu > 0 (the reference after 1.4.1) the gradient in the
+  numerator is replaced by its exponential average m = mu m + (1 - mu) g, with
+  its own bias correction 1 - mu^(k+1); with 0 there is no such buffer.
+  """
+  _validation.check_decay("inner_momentum", inner_momentum)
+  plain = _second_moment(b2, eps, bias_correct=True)
+  if _validation.is_zero(inner_momentum):
+    return plain
+  averages, moments_direction = _moments(inner_momentum, b2, eps)
+
+  # What the state holds decides: optax.inject_hyperparams builds the optimizer
+  # again in every update with inner_momentum traced, after an init that saw
+  # its value. An inner momentum of 0 at init allocates no buffer and stays off.
+  def init(params):
+    return MomentsState(mu=optax.tree.zeros_like(params), nu=optax.tree.zeros_like(params))
+
+  def direction(updates, state, *, learning_rate, count):
+    if isinstance(state, SecondMomentState):
+      return plain.direction(updates, state, learning_rate=learning_rate, count=count)
+    return moments_direction(state.mu, state.nu, count, learning_rate.dtype)
+
+  def update(updates, state, params, *, learning_rate, count, **extra_args):
+    if isinstance(state, SecondMomentState):
+      return plain.update(
+          updates, state, params, learning_rate=learning_rate, count=count, **extra_args)
+    new_state = MomentsState(*averages(updates, state.mu, state.nu, learning_rate.dtype))
+    return direction(updates, new_state, learning_rate=learning_rate, count=count), new_state
+
+  return ZStep(init, update, direction)
 
 
 def adamw_paper(b2: Any, eps: Any) -> ZStep:
@@ -199,6 +302,120 @@ def radam(b2: Any, eps: Any, silent_sgd_phase: bool) -> ZStep:
       b2, eps, bias_correct=True, rectify=True, silent_sgd_phase=silent_sgd_phase,
       learning_rate_factor=factor,
   )
+
+
+def annealed_b1(sf_b1: Any, sf_b1_max: Any, anneal_steps: Any, count: jax.Array, dtype: Any):
+  """ScheduleFree+'s Schedule-Free momentum at step k (k counts from 0).
+
+  1 - b1 moves geometrically (linearly in log space) from 1 - sf_b1 to
+  1 - sf_b1_max over ``anneal_steps`` steps and stays there; 0 steps: sf_b1.
+  """
+  start = jnp.asarray(sf_b1, dtype)
+  steps = jnp.asarray(anneal_steps, dtype)
+  progress = jnp.minimum(count.astype(dtype) / jnp.maximum(steps, 1), 1)
+  log_gap = jnp.log1p(-start) * (1 - progress) + jnp.log1p(-jnp.asarray(sf_b1_max, dtype)) * progress
+  return jnp.where(steps > 0, -jnp.expm1(log_gap), start).astype(dtype)
+
+
+def _missing_value_error() -> ValueError:
+  return ValueError(
+      "schedule_free_plus needs the loss at the params (its Polyak step size is"
+      " computed from it): call update(grads, state, params, value=loss), e.g. with"
+      " loss, grads = jax.value_and_grad(loss_fn)(params). Wrappers such as"
+      " optax.chain, inject_hyperparams, MultiSteps and apply_if_finite pass it on."
+  )
+
+
+def schedule_free_plus(
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    *,
+    sf_b1: Any,
+    sf_b1_max: Any,
+    sf_b1_anneal_steps: Any,
+    polyak_b: Any,
+    c_warmup: Any,
+    axis_name: Optional[Any],
+) -> ZStep:
+  """ScheduleFree+'s z-step: Adam's direction, a Polyak step size, AdamC's decay.
+
+  The direction is Adam's with both bias corrections. The step size of step k
+  is ``max(lr, eps) * max(0, f + ip) / e`` with f the loss at y (``value``), ip
+  = b1_k <g, z - x> and e the L1 estimate: e = polyak_b e + (1 - polyak_b)
+  sqrt(pi/2) ||g||_1, divided by 1 - polyak_b^(k+1), and the divided value is
+  what is kept for the next step (as the reference does). Sums over all leaves,
+  and over ``axis_name`` when given (the loss is averaged there).
+  """
+  _validation.check_adaptive(b1=b1, b2=b2, eps=eps, polyak_b=polyak_b)
+  averages, moments_direction = _moments(b1, b2, eps)
+  anneals = not _validation.is_zero(sf_b1_anneal_steps)
+
+  def init(params):
+    dtype = _averaging.float32_or_wider(*(leaf.dtype for leaf in jax.tree.leaves(params)))
+    zero = jnp.zeros([], dtype)
+    return ScheduleFreePlusState(
+        mu=optax.tree.zeros_like(params), nu=optax.tree.zeros_like(params),
+        grad_l1_ema=zero, polyak_rate=zero, step_size=zero)
+
+  def step_size(updates, state, *, params, z, x, previous_b1, b1, learning_rate, count,
+                **extra_args):
+    value = extra_args.get("value")
+    if value is None:
+      raise _missing_value_error()
+    dtype = learning_rate.dtype
+    treedef = jax.tree.structure(params)
+    leaves_g = treedef.flatten_up_to(updates)
+    leaves_z = treedef.flatten_up_to(z)
+    # z - x, read from the buffers the step holds: with store_x=False,
+    # x = (y - (1 - b1') z) / b1' (b1' made y), so z - x = (z - y) / b1'.
+    leaves_other = treedef.flatten_up_to(params if x is None else x)
+    l1 = jnp.zeros([], dtype)
+    inner = jnp.zeros([], dtype)
+    for g, z_leaf, other in zip(leaves_g, leaves_z, leaves_other):
+      compute = _compute_dtype(g, z_leaf, other)
+      g = g.astype(compute)
+      l1 = l1 + jnp.sum(jnp.abs(g)).astype(dtype)
+      inner = inner + jnp.sum(g * (z_leaf.astype(compute) - other.astype(compute))).astype(dtype)
+    if x is None:
+      inner = inner / previous_b1.astype(dtype)
+    value = jnp.asarray(value).astype(dtype)
+    if axis_name is not None:
+      # As the reference does for sharded (DTensor) gradients: the two sums
+      # over the shards, the loss averaged.
+      l1, inner = jax.lax.psum((l1, inner), axis_name)
+      value = jax.lax.pmean(value, axis_name)
+    beta = jnp.asarray(polyak_b, dtype)
+    estimate = (beta * state.grad_l1_ema.astype(dtype)
+                + (1 - beta) * l1 * jnp.sqrt(jnp.asarray(math.pi / 2, dtype)))
+    estimate = estimate / _averaging.bias_correction(polyak_b, count, dtype)
+    numerator = jnp.maximum(value + b1.astype(dtype) * inner, 0)
+    # A zero gradient has nothing to follow: a zero step (the reference divides by 0).
+    positive = estimate > 0
+    polyak_rate = jnp.where(positive, numerator / jnp.where(positive, estimate, 1), 0)
+    rate = jnp.maximum(learning_rate, jnp.asarray(eps, dtype)) * polyak_rate
+    scalar_dtype = state.grad_l1_ema.dtype
+    return rate, state._replace(
+        grad_l1_ema=estimate.astype(scalar_dtype),
+        polyak_rate=polyak_rate.astype(scalar_dtype),
+        step_size=rate.astype(scalar_dtype))
+
+  def direction(updates, state, *, learning_rate, count):
+    del updates
+    return moments_direction(state.mu, state.nu, count, learning_rate.dtype)
+
+  def update(updates, state, params, *, learning_rate, count, **extra_args):
+    del params, extra_args
+    mu, nu = averages(updates, state.mu, state.nu, learning_rate.dtype)
+    new_state = state._replace(mu=mu, nu=nu)
+    return direction(updates, new_state, learning_rate=learning_rate, count=count), new_state
+
+  def b1_schedule(count, dtype):
+    return annealed_b1(sf_b1, sf_b1_max, sf_b1_anneal_steps, count, dtype)
+
+  return ZStep(
+      init, update, direction, step_size=step_size, decay_power=2,
+      b1_schedule=b1_schedule if anneals else None, c_warmup=c_warmup, initial_lr_max=eps)
 
 
 def adan(b2: Any, b3: Any, eps: Any) -> ZStep:

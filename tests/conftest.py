@@ -28,6 +28,10 @@ def _float64_does_not_leak(request):
 
 
 # Never imported by the test process: the fixture generators import torch and the
-# PyTorch references (run by hand, tests/reference/README.md), and the sharding
-# workers turn on float64 and 8 devices for their own subprocesses.
-collect_ignore = ["reference", "_sharding_worker.py", "_sharding_nnx_worker.py"]
+# PyTorch references (run by hand, tests/reference/README.md), the sharding
+# workers turn on float64 and 8 devices for their own subprocesses, and the
+# multi-process worker connects to the other processes of its job.
+collect_ignore = [
+    "reference", "_sharding_worker.py", "_sharding_nnx_worker.py", "_sharding_plus_worker.py",
+    "_multiprocess_worker.py",
+]

@@ -287,39 +287,5 @@ def test_kill_during_saves_many(tmp_path):
   assert seen["temporary directory left"] and seen["more steps than max_to_keep"], seen
 
 
-# ---------------------------------------------------------------------------
-# Several processes: written by 2, restored by 2 and by 1 with other shardings.
-# ---------------------------------------------------------------------------
-
-
-def run_processes(count, directory, action):
-  import json
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  processes = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "tests", "_checkpoint_multiprocess_worker.py"),
-       str(i), str(count), str(port), str(directory), action],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(count)]
-  results = []
-  for process in processes:
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    results.append(json.loads(out.strip().splitlines()[-1]))
-  return results
-
-
-@pytest.mark.slow
-def test_two_processes_write_two_or_one_restore(tmp_path):
-  written = run_processes(2, tmp_path / "run", "save")
-  assert [r["process"] for r in written] == [0, 1]
-  for r in written:
-    assert r["steps"] == [4] and r["step"] == 4 and r["bitwise"] and r["devices"] == 4
-  again = run_processes(2, tmp_path / "run", "restore")
-  assert all(r["bitwise"] and r["devices"] == 4 for r in again)
-  alone = run_processes(1, tmp_path / "run", "restore")
-  assert alone[0]["bitwise"] and alone[0]["devices"] == 2 and alone[0]["step"] == 4
+# Several processes (written by 2, restored by 2 and by 1 on another mesh, killed
+# during a save): tests/test_multiprocess.py, through the launcher of tests/_multiprocess.py.

@@ -58,3 +58,20 @@ def test_sharded_training(tmp_path):
                 "--seq-len", "8", "--batch-size", "8", "--steps", "3", "--eval-every", "3",
                 "--warmup", "1", "--base-width", "8", "--compare-single-device", env=env)
   assert stdout
+
+
+def test_sharded_training_two_processes(tmp_path):
+  """The documented one-command multi-process run: 2 processes x 4 devices on loopback."""
+  import json
+
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # each process gets 4 of the 8 virtual devices
+  checkpoint = tmp_path / "ckpt"
+  _run("sharded_training", tmp_path, "--num-processes", "2", "--width", "16", "--depth", "1",
+       "--heads", "2", "--seq-len", "8", "--batch-size", "8", "--steps", "3",
+       "--eval-every", "3", "--warmup", "1", "--base-width", "8", "--checkpoint",
+       str(checkpoint), env=env)
+  result = json.loads((tmp_path / "sharded_training" / "sharded_training.json").read_text())
+  assert (result["processes"], result["devices"]) == (2, 8)
+  assert sorted(os.listdir(checkpoint)) == ["3"]
+  assert "sf_optax_manifest.json" in os.listdir(checkpoint / "3")  # committed

@@ -36,7 +36,8 @@ def test_bookkeeping_is_float32_or_wider(optimizer, dtype, state_dtype):
   tx = optimizer.factory(0.1, state_dtype=state_dtype)
   params = make_params(dtype)
   state = jax.eval_shape(tx.init, params)
-  _, new_state = jax.eval_shape(tx.update, params, state, params)
+  _, new_state = jax.eval_shape(
+      lambda g, s, p: tx.update(g, s, p, value=jnp.ones([])), params, state, params)
   for s in (state, new_state):
     assert s.count.dtype == jnp.int32
     for name in BOOKKEEPING:
@@ -49,7 +50,8 @@ def test_bookkeeping_is_float32_under_inject_hyperparams_with_bf16_params(optimi
   tx = optax.inject_hyperparams(optimizer.factory)(learning_rate=0.1, b1=0.9)
   params = make_params(jnp.bfloat16)
   state = jax.eval_shape(tx.init, params)
-  _, new_state = jax.eval_shape(tx.update, params, state, params)
+  _, new_state = jax.eval_shape(
+      lambda g, s, p: tx.update(g, s, p, value=jnp.ones([], jnp.bfloat16)), params, state, params)
   assert new_state.hyperparams["b1"].dtype == jnp.bfloat16
   for s in (state.inner_state, new_state.inner_state):
     for name in BOOKKEEPING:
@@ -170,6 +172,11 @@ def noisy_gradient(y, noise):
   return (CURVATURE * (y.astype(jnp.float32) - TARGET) + 0.5 * noise).astype(y.dtype)
 
 
+def noiseless_loss(y):
+  """The loss whose gradient noisy_gradient perturbs (its minimum is 0), in float32."""
+  return 0.5 * jnp.sum(CURVATURE * (y.astype(jnp.float32) - TARGET) ** 2)
+
+
 def x_deviation(tx_low, low_dtype, tx_high):
   """Runs tx_low on low_dtype params and tx_high on float32 params side by side.
 
@@ -181,9 +188,12 @@ def x_deviation(tx_low, low_dtype, tx_high):
 
   def step(carry, noise):
     (y_low, state_low), (y_high, state_high), deviation, y_max = carry
-    updates_low, state_low = tx_low.update(noisy_gradient(y_low, noise), state_low, y_low)
+    # ScheduleFree+ reads the loss (`value`); the other optimizers ignore it.
+    updates_low, state_low = tx_low.update(
+        noisy_gradient(y_low, noise), state_low, y_low, value=noiseless_loss(y_low))
     y_low = optax.apply_updates(y_low, updates_low)
-    updates_high, state_high = tx_high.update(noisy_gradient(y_high, noise), state_high, y_high)
+    updates_high, state_high = tx_high.update(
+        noisy_gradient(y_high, noise), state_high, y_high, value=noiseless_loss(y_high))
     y_high = optax.apply_updates(y_high, updates_high)
     x_low = sf_optax.eval_params(state_low, y_low) if state_low.x is None else state_low.x
     difference = jnp.abs(x_low.astype(jnp.float32) - state_high.x)

@@ -1,10 +1,13 @@
 """The interoperability suite that every Schedule-Free optimizer passes.
 
-Each test runs for every optimizer of the family (the four built-ins and the
-wrapper around ``optax.sgd`` and ``optax.adam``) and both ``store_x`` modes: the
-optimizer must behave like any Optax transformation inside the usual wrappers
-(``chain``, ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``,
-``lax.cond``, ``jit`` with donation). See ``../shared/STYLE.md``.
+Each test runs for every optimizer of the family (the built-ins, Adan,
+ScheduleFree+ and the wrapper around ``optax.sgd`` and ``optax.adam``) and both
+``store_x`` modes: the optimizer must behave like any Optax transformation
+inside the usual wrappers (``chain``, ``inject_hyperparams``, ``MultiSteps``,
+``apply_if_finite``, ``lax.cond``, ``jit`` with donation). See
+``../shared/STYLE.md``. Every update is given the loss as the extra argument
+``value`` (ScheduleFree+ needs it, the others ignore it), so the suite also
+shows that it reaches the optimizer through each wrapper.
 
 Every test jits one function at most (whole trajectories run in a
 ``lax.scan``); dtype checks are abstract (``jax.eval_shape``) and compile nothing.
@@ -64,6 +67,13 @@ class Optimizer:
     return self.name
 
 
+# ScheduleFree+ has no learning rate of its own (a Polyak rate scaled by
+# learning_rate). On the suite's noiseless parabola and Rosenbrock its default
+# average (r=0, weights by lr_max**2) is a near-uniform average of all iterates,
+# which converges slowly; weights growing like (k+1)**3 converge.
+_plus_for_noiseless_problems = functools.partial(
+    sf_optax.schedule_free_plus, r=3.0, weight_lr_power=0.0)
+
 OPTIMIZERS = [
     Optimizer("sgd", sf_optax.schedule_free_sgd, 0.1, 0.01),
     Optimizer("adamw", sf_optax.schedule_free_adamw, 0.1, 0.03),
@@ -72,6 +82,7 @@ OPTIMIZERS = [
     Optimizer("adan", sf_optax.schedule_free_adan, 0.1, 0.03),
     Optimizer("wrapper_sgd", schedule_free_around_sgd, 0.1, 0.01),
     Optimizer("wrapper_adam", schedule_free_around_adam, 0.1, 0.03),
+    Optimizer("plus", _plus_for_noiseless_problems, 1.0, 1.0),
 ]
 
 every_optimizer = pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=str)
@@ -114,7 +125,7 @@ def trajectory(tx, params, grads):
   def step(carry, extra):
     params, state = carry
     g = jax.tree.map(lambda a, b: a + b.astype(a.dtype), jax.grad(loss)(params), extra)
-    updates, state = tx.update(g, state, params)
+    updates, state = tx.update(g, state, params, value=loss(params))
     params = optax.apply_updates(params, updates)
     return (params, state), (params, sf_optax.eval_params(state, params))
 
@@ -150,14 +161,15 @@ def test_extra_args_accepted(optimizer, store_x):
   tx = optimizer.factory(0.1, store_x=store_x)
   params = make_params()
   grads = jax.grad(loss)(params)
-  expected, _ = tx.update(grads, tx.init(params), params)
+  expected, _ = tx.update(grads, tx.init(params), params, value=loss(params))
   for wrapped in (
       tx,
       optax.with_extra_args_support(tx),
       optax.chain(optax.identity(), tx),
       optax.chain(tx, optax.identity()),
   ):
-    updates, _ = wrapped.update(grads, wrapped.init(params), params, some_extra_arg=1)
+    updates, _ = wrapped.update(
+        grads, wrapped.init(params), params, value=loss(params), some_extra_arg=1)
     assert_trees_equal(updates, expected)
 
 
@@ -170,7 +182,8 @@ def test_no_retrace_on_second_call(optimizer, store_x):
   @jax.jit
   def step(params, state):
     traces.append(None)  # A Python side effect: runs once per trace.
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, state = tx.update(grads, state, params, value=value)
     return optax.apply_updates(params, updates), state
 
   params = make_params()
@@ -197,7 +210,8 @@ def test_converges_on_parabola_and_rosenbrock(optimizer, store_x):
   def final_x(tx, objective, params, steps):
     def step(carry, _):
       params, state = carry
-      updates, state = tx.update(jax.grad(objective)(params), state, params)
+      value, grads = jax.value_and_grad(objective)(params)
+      updates, state = tx.update(grads, state, params, value=value)
       return (optax.apply_updates(params, updates), state), None
 
     (params, state), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
@@ -254,7 +268,7 @@ def test_multisteps_updates_only_when_it_fires(optimizer, store_x):
   def scan(tx, grads):
     def step(carry, g):
       params, state = carry
-      updates, state = tx.update(g, state, params)
+      updates, state = tx.update(g, state, params, value=loss(params))
       return (optax.apply_updates(params, updates), state), updates
 
     params = make_params()
@@ -309,7 +323,7 @@ def test_apply_if_finite_skips_a_nan_step(optimizer, store_x):
   def scan(tx, grads, inner_state):
     def step(carry, g):
       params, state = carry
-      updates, new_state = tx.update(g, state, params)
+      updates, new_state = tx.update(g, state, params, value=loss(params))
       # Per step, scalars only: stacking whole states per step is slow to compile.
       skipped = jnp.all(jnp.stack([jnp.all(u == 0) for u in jax.tree.leaves(updates)]))
       untouched = same_bits(inner_state(new_state), inner_state(state))
@@ -340,7 +354,8 @@ def test_lax_cond_keeps_the_state_types(optimizer, store_x):
   params = make_params()
   state = tx.init(params)
   grads = jax.grad(loss)(params)
-  _, after = jax.eval_shape(tx.update, grads, state, params)
+  update = functools.partial(tx.update, value=loss(params))
+  _, after = jax.eval_shape(update, grads, state, params)
   # dtype, shape and weak type of every leaf: anything else changes the jit
   # cache key (a retrace per step) and breaks lax.cond / lax.scan carries.
   assert jax.tree.structure(after) == jax.tree.structure(state)
@@ -351,7 +366,7 @@ def test_lax_cond_keeps_the_state_types(optimizer, store_x):
     return jax.lax.cond(
         skip,
         lambda state: (optax.tree.zeros_like(grads), state),
-        lambda state: tx.update(grads, state, params),
+        lambda state: tx.update(grads, state, params, value=loss(params)),
         state,
     )
 
@@ -369,7 +384,8 @@ def test_updates_keep_the_params_dtype(optimizer, store_x, dtype, state_dtype):
   tx = optimizer.factory(0.1, store_x=store_x, state_dtype=state_dtype, weight_decay=0.1)
   params = make_params(dtype)
   state = jax.eval_shape(tx.init, params)
-  updates, new_state = jax.eval_shape(tx.update, params, state, params)
+  updates, new_state = jax.eval_shape(
+      lambda g, s, p: tx.update(g, s, p, value=loss(p)), params, state, params)
   assert jax.tree.map(lambda u: u.dtype, updates) == jax.tree.map(lambda p: p.dtype, params)
   assert avals(new_state) == avals(state)
   # No state_dtype: the params' dtype, but never below float32.
@@ -396,7 +412,8 @@ def test_buffers_can_be_donated(optimizer, store_x):
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state):
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, state = tx.update(grads, state, params, value=value)
     return optax.apply_updates(params, updates), state
 
   params = make_params()

@@ -31,7 +31,8 @@ def _float64_does_not_leak(request):
 # PyTorch references (run by hand, tests/reference/README.md), the sharding
 # workers turn on float64 and 8 devices for their own subprocesses, and the
 # multi-process worker connects to the other processes of its job.
+# _helpers.py holds models and comparisons the test modules import.
 collect_ignore = [
-    "reference", "_sharding_worker.py", "_sharding_nnx_worker.py", "_sharding_plus_worker.py",
+    "reference", "_helpers.py", "_sharding_worker.py", "_sharding_nnx_worker.py", "_sharding_plus_worker.py",
     "_multiprocess_worker.py",
 ]

@@ -17,6 +17,8 @@ import pytest
 
 import sf_optax
 
+from _helpers import relative_error
+
 TOLERANCE = 1e-10
 STEPS = 60
 SHAPES = {"bias": (3,), "kernel": (4, 3)}
@@ -112,12 +114,6 @@ def run_sf_optax(tx, params, noises):
     return ys, sf_optax.eval_params(state, params)
 
   return replay(params, stacked)
-
-
-def relative_error(actual, reference):
-  actual, reference = np.asarray(actual), np.asarray(reference)
-  assert actual.dtype == np.float64
-  return float(np.abs(actual - reference).max() / np.abs(reference).max())
 
 
 # ---------------------------------------------------------------------------

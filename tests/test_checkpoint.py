@@ -23,6 +23,8 @@ from sf_optax import CheckpointManager
 from sf_optax import restore_checkpoint
 from sf_optax import save_checkpoint
 
+import _helpers
+
 pytest.importorskip("orbax.checkpoint")
 
 OPTIMIZERS = {
@@ -334,16 +336,9 @@ def test_nnx_resume_is_bitwise_equal(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-class MuMLP(nn.Module):
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    import mup_flax
-
-    x = nn.relu(nn.Dense(self.width)(x))
-    x = nn.relu(nn.Dense(self.width)(x))
-    return mup_flax.MuReadout(4)(x)
+def MuMLP(width):
+  """The shared Linen μP MLP (tests/_helpers.py) with 4 outputs."""
+  return _helpers.MuMLP(width, out=4)
 
 
 def test_mup_linen_resume_with_base_shapes(tmp_path):

@@ -12,6 +12,8 @@ import pytest
 
 import sf_optax
 
+from _helpers import assert_trees_close
+
 both_store_x = pytest.mark.parametrize("store_x", [True, False], ids=["store_x", "no_x"])
 
 STEPS = 4
@@ -48,15 +50,6 @@ def run(tx, params=None):
 
   grads = {name: g for name, g in gradients().items() if name in params}
   return jax.lax.scan(step, (params, tx.init(params)), grads)[0]
-
-
-def assert_trees_close(actual, expected, rtol=0.0):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  jax.tree.map(
-      lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol),
-      actual,
-      expected,
-  )
 
 
 WRAPPERS = {

@@ -14,6 +14,8 @@ import mup_flax
 from mup_flax import InfDim
 from mup_flax import InfShape
 
+from _helpers import MuMLP
+
 
 def fin(d):
   return InfDim(None, d)
@@ -154,14 +156,9 @@ def test_file_round_trip_of_every_kind_of_infshape(tmp_path, suffix):
 # ---------------------------------------------------------------- make_base_shapes
 
 
-class MLP(nn.Module):
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(self.width)(x))
-    x = nn.relu(nn.Dense(self.width)(x))
-    return mup_flax.MuReadout(10)(x)
+def MLP(width):
+  """The shared Linen μP MLP with 10 outputs."""
+  return MuMLP(width, out=10)
 
 
 class NnxMLP(nnx.Module):

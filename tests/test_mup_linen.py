@@ -15,34 +15,18 @@ from mup_flax import InfDim
 from mup_flax import InfShape
 from mup_flax import InfShapeBox
 
+from _helpers import MLP
+from _helpers import MuMLP
+
 X = jnp.ones((2, 5))
 
 
-class MLP(nn.Module):
-  width: int
-  output_mult: float = 1.0
-  readout_zero_init: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(self.width)(x))
-    x = nn.relu(nn.Dense(self.width)(x))
-    return mup_flax.MuReadout(3, output_mult=self.output_mult,
-                              readout_zero_init=self.readout_zero_init)(x)
+def SPMLP(width):
+  """The MLP with a plain Dense readout (named like MuMLP's): the standard parametrization."""
+  return MLP(width, readout_name="MuReadout_0")
 
 
-class SPMLP(nn.Module):
-  """MLP with a plain Dense readout: the standard parametrization."""
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(self.width)(x))
-    x = nn.relu(nn.Dense(self.width)(x))
-    return nn.Dense(3, name="MuReadout_0")(x)
-
-
-def mup(width, base=16, delta=32, cls=MLP, **kw):
+def mup(width, base=16, delta=32, cls=MuMLP, **kw):
   return mup_flax.MuP(cls(width, **kw), base=cls(base, **kw), delta=cls(delta, **kw))
 
 
@@ -254,7 +238,7 @@ def test_fresh_wrapper_annotates_plain_arrays_given_inputs(tmp_path):
   variables = model.init(jax.random.key(0), X)
   mup_flax.save_base_shapes(model.base_shapes(), tmp_path / "mlp.json")
   plain = jax.tree.map(np.asarray, nn.unbox(variables))
-  fresh = mup_flax.MuP(MLP(64), base_shapes=str(tmp_path / "mlp.json"))
+  fresh = mup_flax.MuP(MuMLP(64), base_shapes=str(tmp_path / "mlp.json"))
   with pytest.raises(ValueError, match=r"needs the model's example inputs.*annotate\(params, x\)"):
     fresh.annotate(plain)
   restored = fresh.annotate(plain, X)
@@ -279,11 +263,11 @@ def test_init_and_apply_under_jit():
 
 
 def test_base_shapes_argument_and_file(tmp_path):
-  shapes = mup_flax.make_base_shapes(MLP(16), MLP(32), X)
+  shapes = mup_flax.make_base_shapes(MuMLP(16), MuMLP(32), X)
   mup_flax.save_base_shapes(shapes, tmp_path / "mlp.yaml")
   a = mup(64).init(jax.random.key(0), X)
-  b = mup_flax.MuP(MLP(64), base_shapes=shapes).init(jax.random.key(0), X)
-  c = mup_flax.MuP(MLP(64), base_shapes=str(tmp_path / "mlp.yaml")).init(jax.random.key(0), X)
+  b = mup_flax.MuP(MuMLP(64), base_shapes=shapes).init(jax.random.key(0), X)
+  c = mup_flax.MuP(MuMLP(64), base_shapes=str(tmp_path / "mlp.yaml")).init(jax.random.key(0), X)
   for other in (b, c):
     tree_equal(nn.unbox(other), nn.unbox(a))
     assert mup_flax.get_infshapes(other["params"]) == mup_flax.get_infshapes(a["params"])
@@ -291,18 +275,18 @@ def test_base_shapes_argument_and_file(tmp_path):
 
 def test_mup_argument_errors():
   with pytest.raises(ValueError, match="base and delta"):
-    mup_flax.MuP(MLP(64), base=MLP(16))
+    mup_flax.MuP(MuMLP(64), base=MuMLP(16))
   with pytest.raises(ValueError, match="not both"):
-    mup_flax.MuP(MLP(64), base=MLP(16), delta=MLP(32), base_shapes={})
+    mup_flax.MuP(MuMLP(64), base=MuMLP(16), delta=MuMLP(32), base_shapes={})
   with pytest.raises(TypeError, match="mup_flax.nnx.set_base_shapes"):
     mup_flax.MuP(object(), base_shapes={})
 
 
 def test_mureadout_without_base_shapes_is_a_clear_error():
   # A bare init works (no initial value depends on activations); apply needs base shapes.
-  variables = MLP(64).init(jax.random.key(0), X)
+  variables = MuMLP(64).init(jax.random.key(0), X)
   with pytest.raises(ValueError, match=r"MuReadout 'MuReadout_0/kernel' has no base shapes.*MuP"):
-    MLP(64).apply(nn.unbox(variables), X)
+    MuMLP(64).apply(nn.unbox(variables), X)
 
 
 def test_hidden_dense_as_readout_is_a_clear_error():

@@ -11,19 +11,14 @@ import mup_flax
 from mup_flax import InfDim
 from mup_flax import InfShape
 
+from _helpers import NNXMLP
+
 X = jnp.ones((2, 5))
 
 
-class MLP(nnx.Module):
-
-  def __init__(self, width, rngs, output_mult=1.0, readout_zero_init=False):
-    self.inp = nnx.Linear(5, width, rngs=rngs)
-    self.hidden = nnx.Linear(width, width, rngs=rngs)
-    self.out = mup_flax.nnx.MuReadout(width, 3, output_mult=output_mult,
-                                      readout_zero_init=readout_zero_init, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(nnx.relu(self.hidden(nnx.relu(self.inp(x)))))
+def MLP(width, rngs, **kw):
+  """The shared NNX MLP with a μP readout (``output_mult``, ``readout_zero_init`` in ``kw``)."""
+  return NNXMLP(width, rngs, readout=mup_flax.nnx.MuReadout, **kw)
 
 
 def base_shapes(cls=MLP, base=16, delta=32, **kw):

@@ -24,6 +24,8 @@ import pytest
 import mup_flax
 import sf_optax
 
+from _helpers import relative_error
+
 FIXTURES = pathlib.Path(__file__).parent / "reference" / "fixtures" / "mup"
 DOC = json.loads((FIXTURES / "mup_reference.json").read_text())
 with np.load(FIXTURES / "mup_reference.npz") as _data:
@@ -147,18 +149,12 @@ def fixture_infshapes(docs):
   return tree
 
 
-def relative_error(actual, expected, floor=0.0):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  scale = max(float(np.max(np.abs(expected))), floor)
-  return float(np.max(np.abs(actual - expected)) / (scale if scale > 0 else 1.0))
-
-
 def assert_trees_close(actual, expected, what, tolerance=TOLERANCE, floor=0.0):
   """Per parameter, max |actual - expected| <= tolerance * max(max |expected|, floor)."""
   actual, expected = flat(actual), flat(expected)
   assert sorted(actual) == sorted(expected), what
   for path in expected:
-    err = relative_error(actual[path], expected[path], floor)
+    err = relative_error(actual[path], expected[path], floor, float64=False)
     assert err <= tolerance, f"{what}: {path} relative error {err:.3g}"
 
 
@@ -277,7 +273,7 @@ def test_mureadout_outputs_match_reference(name, width):
   params = nested(f"{prefix}/init", param_docs(name, width))
   x = jnp.asarray(ARRAYS[f"{prefix}/readout/x"])
   out = model.apply({"params": params}, example, method=lambda m, _: m.readout(x))
-  err = relative_error(out, ARRAYS[f"{prefix}/readout/out"])
+  err = relative_error(out, ARRAYS[f"{prefix}/readout/out"], float64=False)
   assert err <= TOLERANCE, err
 
 

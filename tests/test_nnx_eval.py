@@ -10,23 +10,12 @@ from flax import nnx
 import mup_flax
 import sf_optax
 
+from _helpers import NNXMLP
+from _helpers import assert_trees_equal
+
 X = jax.random.normal(jax.random.key(0), (16, 5))
 Y = jax.random.normal(jax.random.key(1), (16, 3))
 STEPS = 4
-
-
-class MLP(nnx.Module):
-
-  def __init__(self, width, rngs, readout=None, dtype=jnp.float32, kernel_init=None):
-    kw = dict(param_dtype=dtype, rngs=rngs)
-    if kernel_init is not None:
-      kw["kernel_init"] = kernel_init
-    self.inp = nnx.Linear(5, width, **kw)
-    self.hidden = nnx.Linear(width, width, **kw)
-    self.out = (readout or nnx.Linear)(width, 3, **kw)
-
-  def __call__(self, x):
-    return self.out(nnx.relu(self.hidden(nnx.relu(self.inp(x)))))
 
 
 def loss(model, x=None, y=None):
@@ -55,13 +44,8 @@ def copy_of(tree):
   return jax.tree.map(copy, nnx.as_pure(tree))
 
 
-def assert_tree_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
 def trained(tx, width=16, dtype=jnp.float32, steps=STEPS, **kw):
-  model = MLP(width, nnx.Rngs(0), dtype=dtype, **kw)
+  model = NNXMLP(width, nnx.Rngs(0), dtype=dtype, **kw)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   for _ in range(steps):
     train_step(model, optimizer)
@@ -77,10 +61,10 @@ def test_equals_eval_params_of_the_functional_loop(x64, store_x):
 
   # On the optimizer's own pure state: the same function, the same inputs, bitwise.
   expected = sf_optax.eval_params(nnx.as_pure(optimizer.opt_state), params_of(model))
-  assert_tree_equal(params_of(model_x), expected)
+  assert_trees_equal(params_of(model_x), expected)
 
   # Against the plain optax loop that nnx.Optimizer stands for.
-  graphdef, params = nnx.split(MLP(16, nnx.Rngs(0), dtype=jnp.float64), nnx.Param)
+  graphdef, params = nnx.split(NNXMLP(16, nnx.Rngs(0), dtype=jnp.float64), nnx.Param)
   params = nnx.as_pure(params)
   opt_state = tx.init(params)
 
@@ -103,18 +87,18 @@ def test_training_model_untouched_and_variables_independent():
   model, optimizer = trained(tx)
   before = copy_of(nnx.state((model, optimizer)))
   model_x = sf_optax.eval_model(model, optimizer)
-  assert_tree_equal(copy_of(nnx.state((model, optimizer))), before)
+  assert_trees_equal(copy_of(nnx.state((model, optimizer))), before)
 
   # New Variables: writing into the copy leaves the model alone ...
   assert model_x.hidden.kernel is not model.hidden.kernel
   model_x.hidden.kernel[...] = jnp.zeros_like(model_x.hidden.kernel[...])
   nnx.update(model_x, jax.tree.map(jnp.ones_like, params_of(model_x)))
-  assert_tree_equal(copy_of(nnx.state((model, optimizer))), before)
+  assert_trees_equal(copy_of(nnx.state((model, optimizer))), before)
   # ... and training the model on leaves the copy alone.
   model_x = sf_optax.eval_model(model, optimizer)
   x = copy_of(params_of(model_x))
   train_step(model, optimizer)
-  assert_tree_equal(params_of(model_x), x)
+  assert_trees_equal(params_of(model_x), x)
 
 
 def test_under_nnx_jit(x64):
@@ -132,11 +116,11 @@ def test_under_nnx_jit(x64):
 
   eager = sf_optax.eval_model(model, optimizer)
   jitted = at_x(model, optimizer)
-  assert type(jitted) is MLP
+  assert type(jitted) is NNXMLP
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14),
                params_of(jitted), params_of(eager))
   np.testing.assert_allclose(eval_step(model, optimizer), loss(eager), rtol=1e-13)
-  assert_tree_equal(params_of(model), before)
+  assert_trees_equal(params_of(model), before)
   assert jitted.hidden.kernel is not model.hidden.kernel
 
 
@@ -159,7 +143,7 @@ def test_through_optax_wrappers(wrapper, store_x):
     tx = WRAPPERS[wrapper](sf_optax.schedule_free_adamw(1e-2, store_x=store_x))
   model, optimizer = trained(tx)
   model_x = sf_optax.eval_model(model, optimizer)
-  assert_tree_equal(params_of(model_x),
+  assert_trees_equal(params_of(model_x),
                     sf_optax.eval_params(nnx.as_pure(optimizer.opt_state), params_of(model)))
   assert not np.allclose(model_x.hidden.kernel[...], model.hidden.kernel[...])
 
@@ -173,15 +157,15 @@ def test_masked_and_a_partial_wrt():
   np.testing.assert_array_equal(model_x.out.bias[...], model.out.bias[...])
   assert not np.allclose(model_x.out.kernel[...], model.out.kernel[...])
 
-  model = MLP(16, nnx.Rngs(0))
+  model = NNXMLP(16, nnx.Rngs(0))
   wrt = nnx.All(nnx.Param, nnx.PathContains("hidden"))
   optimizer = nnx.Optimizer(model, sf_optax.schedule_free_adamw(1e-2), wrt=wrt)
   for _ in range(STEPS):
     optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, wrt))(model))
   model_x = sf_optax.eval_model(model, optimizer)
-  assert_tree_equal(params_of(model_x, nnx.PathContains("inp")),
+  assert_trees_equal(params_of(model_x, nnx.PathContains("inp")),
                     params_of(model, nnx.PathContains("inp")))
-  assert_tree_equal(params_of(model_x, wrt),
+  assert_trees_equal(params_of(model_x, wrt),
                     sf_optax.eval_params(nnx.as_pure(optimizer.opt_state), params_of(model, wrt)))
   assert not np.allclose(model_x.hidden.kernel[...], model.hidden.kernel[...])
 
@@ -192,7 +176,7 @@ def test_keeps_infshape_and_sharding_metadata():
     init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "fsdp"))
 
     def make(width):
-      return MLP(width, nnx.Rngs(0), readout=mup_flax.nnx.MuReadout, kernel_init=init)
+      return NNXMLP(width, nnx.Rngs(0), readout=mup_flax.nnx.MuReadout, kernel_init=init)
 
     base_shapes = mup_flax.make_base_shapes(lambda: make(8), lambda: make(16))
     model = mup_flax.nnx.set_base_shapes(make(32), base_shapes, rescale_params=True)
@@ -242,7 +226,7 @@ def test_composes_with_recompute_batch_stats_nnx():
   np.testing.assert_allclose(model_x.norm.mean[...], inputs.mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(model_x.norm.var[...], inputs.var(0), rtol=1e-5, atol=1e-6)
   # The training model: its params, statistics and modes as they were.
-  assert_tree_equal(copy_of(nnx.state((model, optimizer))), before)
+  assert_trees_equal(copy_of(nnx.state((model, optimizer))), before)
   assert not model.norm.use_running_average and not model.drop.deterministic
   assert not np.allclose(model.norm.mean[...], model_x.norm.mean[...])
 
@@ -261,7 +245,7 @@ def test_errors():
     narrow = nnx.Optimizer(model, sf_optax.schedule_free_sgd(0.1, store_x=store_x), wrt=nnx.Param)
     with pytest.raises(ValueError, match=r"eval_model: .*shapes \(hidden/bias: \(16,\) in the"
                        r" optimizer state, \(8,\) in the model; hidden/kernel: .*wrt="):
-      sf_optax.eval_model(MLP(8, nnx.Rngs(0)), narrow)
+      sf_optax.eval_model(NNXMLP(8, nnx.Rngs(0)), narrow)
   adam = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
   with pytest.raises(ValueError, match="eval_model: .*no Schedule-Free state"):
     sf_optax.eval_model(model, adam)
@@ -297,5 +281,5 @@ def test_shared_variables_stay_shared_in_the_copy():
   model_x = nnx.jit(sf_optax.eval_model)(model, optimizer)
   assert model_x.readout.kernel is model_x.embed.embedding
   assert model_x.embed.embedding is not model.embed.embedding
-  assert_tree_equal(params_of(model_x),
+  assert_trees_equal(params_of(model_x),
                     sf_optax.eval_params(nnx.as_pure(optimizer.opt_state), params_of(model)))

@@ -20,6 +20,8 @@ import pytest
 
 import sf_optax
 
+from _helpers import trajectory_relative_error
+
 FIXTURES = pathlib.Path(__file__).parent / "reference" / "fixtures" / "schedule_free"
 META = json.loads((FIXTURES / "cases.json").read_text())
 CASES = META["cases"]
@@ -119,25 +121,13 @@ def run(tx, data):
           {leaf: np.asarray(xs[leaf])[eval_index] for leaf in LEAVES})
 
 
-def relative_error(actual, reference):
-  """Per step, max |actual - reference| over a leaf, over max |reference|.
-
-  The scale is the largest magnitude of the reference over the whole
-  trajectory of that leaf, so entries that pass near zero do not inflate it.
-  """
-  assert actual.shape == reference.shape, (actual.shape, reference.shape)
-  assert actual.dtype == np.float64, actual.dtype
-  difference = np.abs(actual - reference).reshape(len(reference), -1)
-  return difference.max(axis=1) / np.abs(reference).max()
-
-
 def trajectory_errors(tx, data):
   """Largest relative error of y (every step) and x (eval steps) per leaf."""
   ys, xs = run(tx, data)
   errors = {}
   for leaf in LEAVES:
-    errors[f"y.{leaf}"] = relative_error(ys[leaf], data[f"y.{leaf}"])
-    errors[f"x.{leaf}"] = relative_error(xs[leaf], data[f"x.{leaf}"])
+    errors[f"y.{leaf}"] = trajectory_relative_error(ys[leaf], data[f"y.{leaf}"])
+    errors[f"x.{leaf}"] = trajectory_relative_error(xs[leaf], data[f"x.{leaf}"])
   return errors
 
 

@@ -17,6 +17,10 @@ import mup_flax
 import sf_optax
 from sf_optax._batch_norm import recompute_batch_stats
 
+from _helpers import MLP
+from _helpers import MuMLP
+from _helpers import NNXMLP
+
 X = jax.random.normal(jax.random.key(0), (64, 5))
 Y = jnp.tanh(X @ jax.random.normal(jax.random.key(1), (5, 3)))
 STEPS = 25
@@ -29,16 +33,6 @@ def mse(pred):
 # ---------------------------------------------------------------------------
 # Linen: flax.training.train_state.TrainState.
 # ---------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-  width: int = 32
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(self.width)(x))
-    x = nn.relu(nn.Dense(self.width)(x))
-    return nn.Dense(3)(x)
 
 
 @jax.jit
@@ -136,16 +130,6 @@ def test_linen_train_state_with_batch_norm():
   assert abs(loss_at(x, state.batch_stats) - full_batch) > 1e-3  # stale ones differ
 
 
-class MuMLP(nn.Module):
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(self.width)(x))
-    x = nn.relu(nn.Dense(self.width)(x))
-    return mup_flax.MuReadout(3)(x)
-
-
 def test_linen_mup_train_state_loop():
   model = mup_flax.MuP(MuMLP(128), base=MuMLP(16), delta=MuMLP(32))
   params = model.init(jax.random.key(2), X)["params"]  # boxed: InfShapeBox leaves
@@ -175,17 +159,6 @@ def test_linen_mup_train_state_loop():
 # ---------------------------------------------------------------------------
 # NNX: nnx.Optimizer and nnx.jit.
 # ---------------------------------------------------------------------------
-
-
-class NNXMLP(nnx.Module):
-
-  def __init__(self, width, rngs, readout=None):
-    self.inp = nnx.Linear(5, width, rngs=rngs)
-    self.hidden = nnx.Linear(width, width, rngs=rngs)
-    self.out = (readout or nnx.Linear)(width, 3, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(nnx.relu(self.hidden(nnx.relu(self.inp(x)))))
 
 
 @nnx.jit

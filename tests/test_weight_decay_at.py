@@ -25,6 +25,8 @@ import pytest
 
 import sf_optax
 
+from _helpers import relative_error
+
 pytestmark = pytest.mark.usefixtures("x64")
 
 TOLERANCE = 1e-10
@@ -159,12 +161,6 @@ def run(tx, params, noises):
     return outputs
 
   return replay(params, stacked)
-
-
-def relative_error(actual, reference):
-  actual, reference = np.asarray(actual), np.asarray(reference)
-  assert actual.dtype == np.float64
-  return float(np.abs(actual - reference).max() / np.abs(reference).max())
 
 
 @pytest.mark.parametrize("store_x", [True, False], ids=["store_x", "no_x"])

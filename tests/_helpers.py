@@ -1,0 +1,133 @@
+"""Models and comparisons shared by the test modules (``from _helpers import ...``).
+
+Not a test module: tests/conftest.py lists it in ``collect_ignore``. pytest's
+default import mode puts tests/ on ``sys.path`` (tests/ has no ``__init__.py``),
+and the worker scripts run from tests/, so both import it as ``_helpers``.
+
+The models keep the layer names, shapes and initializers their tests used
+before they moved here, so every parity number is unchanged:
+
+- ``MLP`` / ``MuMLP``: Linen, ``relu(Dense) -> relu(Dense) -> readout``, a
+  ``Dense`` readout (``Dense_2``) or a ``mup_flax.MuReadout`` (``MuReadout_0``).
+- ``NNXMLP``: NNX, ``inp -> hidden -> out`` with 5 inputs and 3 outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+import mup_flax
+
+# ---------------------------------------------------------------------------
+# Models.
+# ---------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+  """Linen ``relu(Dense(width)) -> relu(Dense(width)) -> readout(out)``.
+
+  The readout is ``mup_flax.MuReadout`` when ``mup`` (with ``output_mult`` and
+  ``readout_zero_init``), else ``nn.Dense``; ``readout_name`` renames it (None:
+  Flax's automatic name, ``MuReadout_0`` or ``Dense_2``).
+  """
+
+  width: int = 32
+  out: int = 3
+  mup: bool = False
+  output_mult: float = 1.0
+  readout_zero_init: bool = False
+  readout_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(self.width)(x))
+    x = nn.relu(nn.Dense(self.width)(x))
+    if self.mup:
+      return mup_flax.MuReadout(self.out, output_mult=self.output_mult,
+                                readout_zero_init=self.readout_zero_init,
+                                name=self.readout_name)(x)
+    return nn.Dense(self.out, name=self.readout_name)(x)
+
+
+class MuMLP(MLP):
+  """``MLP`` with the μP readout ``mup_flax.MuReadout``."""
+
+  mup: bool = True
+
+
+class NNXMLP(nnx.Module):
+  """NNX ``relu(inp) -> relu(hidden) -> out``: 5 inputs, ``width`` hidden units, 3 outputs.
+
+  ``readout`` builds ``out`` (``nnx.Linear`` by default, e.g.
+  ``mup_flax.nnx.MuReadout``) and also receives ``readout_kwargs``; ``dtype`` and
+  ``kernel_init``, when given, go to every layer.
+  """
+
+  def __init__(self, width, rngs, readout=None, dtype=None, kernel_init=None,
+               **readout_kwargs: Any):
+    kw = dict(rngs=rngs)
+    if dtype is not None:
+      kw["param_dtype"] = dtype
+    if kernel_init is not None:
+      kw["kernel_init"] = kernel_init
+    self.inp = nnx.Linear(5, width, **kw)
+    self.hidden = nnx.Linear(width, width, **kw)
+    self.out = (readout or nnx.Linear)(width, 3, **kw, **readout_kwargs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(nnx.relu(self.inp(x)))))
+
+
+# ---------------------------------------------------------------------------
+# Comparisons.
+# ---------------------------------------------------------------------------
+
+
+def relative_error(actual, reference, floor=0.0, float64=True):
+  """``max |actual - reference| / max(max |reference|, floor)`` as a float.
+
+  With ``float64`` (the parity tests), ``actual`` must be a float64 array;
+  otherwise both are cast to float64 first. A zero scale gives the absolute
+  error.
+  """
+  actual = np.asarray(actual)
+  if float64:
+    assert actual.dtype == np.float64, actual.dtype
+  actual, reference = actual.astype(np.float64), np.asarray(reference, np.float64)
+  scale = max(float(np.max(np.abs(reference))), floor)
+  return float(np.max(np.abs(actual - reference)) / (scale if scale > 0 else 1.0))
+
+
+def trajectory_relative_error(actual, reference):
+  """Per step, max |actual - reference| over a leaf, over max |reference|.
+
+  The scale is the largest magnitude of the reference over the whole
+  trajectory of that leaf, so entries that pass near zero do not inflate it.
+  ``actual`` must be float64 and of the reference's shape.
+  """
+  actual = np.asarray(actual)
+  assert actual.shape == reference.shape, (actual.shape, reference.shape)
+  assert actual.dtype == np.float64, actual.dtype
+  difference = np.abs(actual - reference).reshape(len(reference), -1)
+  return difference.max(axis=1) / np.abs(reference).max()
+
+
+def assert_trees_close(actual, expected, rtol=0.0, atol=0.0):
+  """Same tree structure, then leafwise ``np.testing.assert_allclose``."""
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  jax.tree.map(
+      lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol),
+      actual,
+      expected,
+  )
+
+
+def assert_trees_equal(actual, expected):
+  """Same tree structure, then leafwise ``np.testing.assert_array_equal`` (bitwise)."""
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)

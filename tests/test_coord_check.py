@@ -39,10 +39,10 @@ def _batches():
   return [(x, jnp.argmax(x @ teacher, axis=-1))]
 
 
-def _mup_models(**kwargs):
+def _mup_models(widths=WIDTHS, **kwargs):
   make = lambda w: MLP(w, **kwargs)  # noqa: E731
   return {w: (lambda w=w: mup_flax.MuP(make(w), base=make(BASE), delta=make(2 * BASE)))
-          for w in WIDTHS}
+          for w in widths}
 
 
 def _slopes(models, **kwargs):
@@ -56,11 +56,13 @@ def _is_flat(slopes):
 
 
 def test_records_have_every_module_and_step():
+  # The layout of the records, not flatness: two widths suffice.
+  widths = WIDTHS[:2]
   records = coord_check.get_coord_data(
-      _mup_models(), _batches(), lr=LR, nsteps=2, nseeds=2, as_dataframe=False)
+      _mup_models(widths), _batches(), lr=LR, nsteps=2, nseeds=2, as_dataframe=False)
   assert {r["module"] for r in records} == {"input", "hidden", "readout"}
   assert {(r["width"], r["t"], r["seed"]) for r in records} == {
-      (w, t, s) for w in WIDTHS for t in (1, 2) for s in (0, 1)}
+      (w, t, s) for w in widths for t in (1, 2) for s in (0, 1)}
   assert all(set(r) == {"width", "module", "t", "l1", "std", "seed"} for r in records)
   readout_at_init = [r for r in records if r["module"] == "readout" and r["t"] == 1]
   assert all(r["l1"] == 0.0 for r in readout_at_init)  # zero-initialized readout
@@ -73,6 +75,8 @@ def test_mup_is_flat_and_sp_grows():
   assert max(s for (_, t), s in sp.items() if t >= 2) > 0.3, sp
 
 
+# A second negative control (the default tier keeps the learning-rate one below).
+@pytest.mark.slow
 def test_removing_the_readout_multiplier_breaks_flatness():
   slopes = _slopes(_mup_models(readout_mult_removed=True))
   assert not _is_flat(slopes), slopes
@@ -87,6 +91,8 @@ def test_removing_the_learning_rate_scaling_breaks_flatness():
   assert slopes[("hidden", 3)] > 0.3
 
 
+# The default tier checks Schedule-Free AdamW's flatness on the NNX models (test_nnx_models).
+@pytest.mark.slow
 def test_schedule_free_adamw_with_mup_scales_is_flat():
   slopes = _slopes(_mup_models(), optimizer="schedule_free_adamw")
   assert _is_flat(slopes), slopes
@@ -126,7 +132,7 @@ def test_plot_coord_data(tmp_path):
   import matplotlib
 
   matplotlib.use("Agg")
-  records = coord_check.get_coord_data(_mup_models(), _batches(), lr=LR, nsteps=2,
+  records = coord_check.get_coord_data(_mup_models(WIDTHS[:2]), _batches(), lr=LR, nsteps=2,
                                        as_dataframe=False)
   fig = coord_check.plot_coord_data(records, tmp_path / "coord.png", title="MLP")
   assert (tmp_path / "coord.png").stat().st_size > 0

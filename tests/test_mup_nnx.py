@@ -12,6 +12,7 @@ from mup_flax import InfDim
 from mup_flax import InfShape
 
 from _helpers import NNXMLP
+from _helpers import assert_trees_equal
 
 X = jnp.ones((2, 5))
 
@@ -36,10 +37,6 @@ def params_of(model):
   return nnx.as_pure(nnx.state(model, nnx.Param))
 
 
-def tree_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
 def test_annotates_in_place_with_metadata():
   model = MLP(64, nnx.Rngs(0))
   same = mup_flax.nnx.set_base_shapes(model, base_shapes(), rescale_params=True)
@@ -58,7 +55,7 @@ def test_base_and_delta_constructors_or_a_file(tmp_path):
   from_file = mup_flax.nnx.set_base_shapes(
       MLP(64, nnx.Rngs(0)), str(tmp_path / "mlp.json"), rescale_params=True)
   for model in (from_models, from_file):
-    tree_equal(params_of(model), params_of(expected))
+    assert_trees_equal(params_of(model), params_of(expected))
     assert mup_flax.get_infshapes(model) == mup_flax.get_infshapes(expected)
   with pytest.raises(ValueError, match="needs base_shapes, or base and delta"):
     mup_flax.nnx.set_base_shapes(MLP(64, nnx.Rngs(0)), base=make(16), rescale_params=True)
@@ -78,7 +75,7 @@ def test_get_infshapes_matches_what_the_optimizer_sees():
 def test_base_equals_target_is_standard_parametrization():
   model = annotated(16)
   plain = MLP(16, nnx.Rngs(0))
-  tree_equal(params_of(model), params_of(plain))
+  assert_trees_equal(params_of(model), params_of(plain))
   out = model(X)
   # At base width the readout is exactly the Linear it subclasses.
   h = nnx.relu(plain.hidden(nnx.relu(plain.inp(X))))
@@ -88,7 +85,7 @@ def test_base_equals_target_is_standard_parametrization():
 def test_init_rules():
   model = annotated(64)
   plain = MLP(64, nnx.Rngs(0))
-  tree_equal(params_of(model)["hidden"], params_of(plain)["hidden"])
+  assert_trees_equal(params_of(model)["hidden"], params_of(plain)["hidden"])
   np.testing.assert_allclose(model.out.kernel[...], plain.out.kernel[...] * 2.0, rtol=1e-6)
 
 
@@ -108,10 +105,10 @@ def test_never_rescales_twice_and_rescale_false():
   model = annotated(64)
   before = jax.tree.map(jnp.copy, params_of(model))
   mup_flax.nnx.set_base_shapes(model, base_shapes())
-  tree_equal(params_of(model), before)
+  assert_trees_equal(params_of(model), before)
   fresh = MLP(64, nnx.Rngs(0))
   mup_flax.nnx.set_base_shapes(fresh, base_shapes(), rescale_params=False)
-  tree_equal(params_of(fresh), params_of(MLP(64, nnx.Rngs(0))))
+  assert_trees_equal(params_of(fresh), params_of(MLP(64, nnx.Rngs(0))))
 
 
 def test_checkpoint_restore_into_annotated_abstract_model():
@@ -122,7 +119,7 @@ def test_checkpoint_restore_into_annotated_abstract_model():
   graphdef, state = nnx.split(abstract)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, saved))  # what a restore does
   restored = nnx.merge(graphdef, state)
-  tree_equal(nnx.to_pure_dict(nnx.state(restored, nnx.Param)), saved)
+  assert_trees_equal(nnx.to_pure_dict(nnx.state(restored, nnx.Param)), saved)
   assert mup_flax.get_infshapes(restored) == mup_flax.get_infshapes(trained)
   np.testing.assert_allclose(restored(X), trained(X), rtol=1e-6)
 
@@ -132,7 +129,7 @@ def test_restore_plain_arrays_then_annotate_without_rescaling():
   model = MLP(64, nnx.Rngs(0))
   nnx.update(model, jax.tree.map(np.asarray, params_of(trained)))
   mup_flax.nnx.set_base_shapes(model, base_shapes(), rescale_params=False)
-  tree_equal(params_of(model), params_of(trained))
+  assert_trees_equal(params_of(model), params_of(trained))
 
 
 def test_metadata_survives_split_merge_and_jit():

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from sf_optax import _averaging
+from sf_optax import _replay
 from sf_optax import _validation
 
 
@@ -261,7 +262,8 @@ def schedule_free_transform(
     )
     leaves_step = treedef.flatten_up_to(grad_steps)
     leaves_step_for_y = leaves_step
-    if not store_x and z_step.recompute is not None:
+    if not store_x and z_step.recompute is not None and getattr(
+        z_step.recompute, "available", lambda: True)():
       leaves_step_for_y = treedef.flatten_up_to(
           _steps_for_y(z_step, grad_steps, updates, base_state, lr, count, scales)
       )
@@ -420,18 +422,30 @@ def schedule_free(
       lr = lr * _averaging.warmup_factor(count, warmup_steps, dtype)
     return lr
 
-  def update(updates, state, params, *, learning_rate, count, scales, **extra_args):
-    del scales
-    steps, state = base_optimizer.update(updates, state, params, **extra_args)
+  replays = []
+
+  def warm(steps, learning_rate, count):
     if has_warmup:
       factor = _averaging.warmup_factor(count, warmup_steps, learning_rate.dtype)
       steps = jax.tree.map(
           lambda s: s * factor.astype(_averaging.float32_or_wider(s.dtype)), steps
       )
-    return steps, state
+    return steps
+
+  def update(updates, state, params, *, learning_rate, count, scales, **extra_args):
+    del scales
+    steps, state, replay = _replay.trace_steps(
+        lambda u, s, p: base_optimizer.update(u, s, p, **extra_args), updates, state, params)
+    replays[:] = [replay]
+    return warm(steps, learning_rate, count), state
+
+  def recompute(updates, state, *, learning_rate, count, scales):
+    return warm(replays[0](updates, state), learning_rate, count)
+
+  recompute.available = lambda: replays[0] is not None
 
   return schedule_free_transform(
-      ZStep(base_optimizer.init, update),
+      ZStep(base_optimizer.init, update, recompute),
       learning_rate_fn,
       b1=b1,
       r=r,

@@ -40,8 +40,8 @@ adamw / adamw_paper False   g,v->v' ; z,y,g,v'->z' ; y,z',g,v'->y'            13
 adamw / adamw_paper True    g,v->v' ; z,y,g,v'->z' ; x,z'->x' ; y,z',x'->y'   15
 schedule_free_radam False   as adamw                                          13
 schedule_free_radam True    as adamw                                          15
-schedule_free(adam) False   g,m->m' ; g,v->v' ; m',v'->u (temp) ; z,u->z' ;   16
-                            y,u,z'->y'
+schedule_free(adam) False   g,m->m' ; g,v->v' ; z,g,m',v'->z' ;               15
+                            y,z',g,m',v'->y'
 schedule_free(adam) True    g,m->m' ; g,v->v' ; z,m',v'->z' ; x,z'->x' ;      17
                             y,z',x'->y'
 =================== ======= ================================================ ========
@@ -50,10 +50,13 @@ The shared step u = g / (sqrt(v') + eps) (store_x=False, adaptive z-steps)
 feeds both the z' and the y' kernels and holds a divide and a square root,
 which XLA does not duplicate into two consumers: left alone it writes u to a
 params-sized float32 temporary, which XLA:CPU allocates and faults in on every
-call. The engine therefore recomputes u for the y' kernel on CPU (``ZStep.
-recompute``): 3 kernels, 13 units, no temporary. A generic Optax base (the
-wrapper) offers no recomputation, so schedule_free(adam) store_x=False keeps
-its temporary: the strict xfail below records that gap.
+call. The engine therefore recomputes u for the y' kernel on CPU from the
+gradient and the new state: the built-in z-steps by their own formula, a
+wrapped Optax base by replaying the equations of its own program from its new
+state (``sf_optax._replay``). Where a base's step reads its old state other
+than through the new state (Lion), the step is shared; those bases copy their
+state on XLA:CPU on their own already (``BASES_WITH_OWN_COPY``), and the
+wrapper adds nothing to what they allocate.
 """
 
 import jax
@@ -61,6 +64,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+import mup_flax
 import sf_optax
 from sf_optax import _compiled_program as program
 
@@ -79,6 +83,34 @@ FACTORIES = {
         optax.adam(1e-2, b1=0.0), 1e-2, store_x=store_x),
 }
 
+
+def _infshapes(params):
+  """μP InfShapes with every dim infinite at a quarter of its size (width multiplier 4)."""
+  return jax.tree.map(
+      lambda p: mup_flax.InfShape([mup_flax.InfDim(max(1, d // 4), d) for d in p.shape]),
+      params)
+
+
+# Elementwise Optax bases of the wrapper: name -> params -> transformation.
+WRAPPED_BASES = {
+    "sgd": lambda params: optax.sgd(1e-2),
+    "sgd_momentum": lambda params: optax.sgd(1e-2, momentum=0.9),
+    "adam": lambda params: optax.adam(1e-2, b1=0.0),
+    "adamw_no_decay": lambda params: optax.adamw(1e-2, b1=0.0, weight_decay=0.0),
+    "lion": lambda params: optax.lion(1e-2, weight_decay=0.0),
+    "rmsprop": lambda params: optax.rmsprop(1e-2),
+    "adabelief": lambda params: optax.adabelief(1e-2, b1=0.0),
+    "mu_adam": lambda params: mup_flax.mu_adam(1e-2, _infshapes(params), b1=0.0),
+    "mu_sgd": lambda params: mup_flax.mu_sgd(1e-2, _infshapes(params)),
+    "chain": lambda params: optax.chain(
+        optax.scale_by_adam(b1=0.0), optax.scale_by_learning_rate(1e-2)),
+}
+
+# Bases that copy a state buffer on XLA:CPU on their own (optax.apply_updates
+# alone, no wrapper): their step reads the old m after the new m overwrote it
+# in place. The wrapper keeps that copy and adds none.
+BASES_WITH_OWN_COPY = {"lion", "adabelief"}
+
 # Bytes moved over the bytes by construction, on every accepted JAX release.
 TRAFFIC_BOUND = 2.0
 
@@ -94,12 +126,9 @@ KERNELS = {
     ("adamw_paper", True): (4, 15, 0),
     ("radam", False): (3, 13, 0),
     ("radam", True): (4, 15, 0),
-    ("wrapped_adam", False): (5, 16, 1),
+    ("wrapped_adam", False): (4, 15, 0),
     ("wrapped_adam", True): (5, 17, 0),
 }
-
-# Known params-sized temporaries: (optimizer, store_x) with one; see the xfail.
-KNOWN_TEMPORARIES = {("wrapped_adam", False)}
 
 # Scalars (count, weight sums, lr_max, b1, flags) may be allocated and moved;
 # nothing params-sized. Every leaf below is at least 4 KiB, so one leaf-sized
@@ -147,8 +176,6 @@ def violations(programs, tx, params):
 @pytest.mark.parametrize("store_x", [False, True], ids=["store_x=False", "store_x=True"])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_compiled_step_within_bounds(name, store_x, shape):
-  if (name, store_x) in KNOWN_TEMPORARIES:
-    pytest.skip("has a known params-sized temporary (see the strict xfail)")
   params = _tree(SHAPES[shape], 0)
   tx = FACTORIES[name](store_x)
   assert violations([compile_step(tx, params)], tx, params) == []
@@ -171,18 +198,24 @@ def test_exact_kernels_and_bytes(name, store_x, shape):
   assert 0 <= profile.temp - temporaries * profile.params_bytes <= SCALAR_SLACK
 
 
-@pytest.mark.parametrize("name", ["wrapped_adam"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="XLA:CPU materializes the wrapped base's step (read by the z' and y'"
-    " kernels) as a params-sized temporary with store_x=False: a generic Optax"
-    " base offers no way to recompute it; when it goes, drop it from"
-    " KNOWN_TEMPORARIES and set its temporaries in KERNELS to 0.",
-)
-def test_wrapper_no_params_sized_temporary_store_x_false(name):
+@pytest.mark.parametrize("store_x", [False, True], ids=["store_x=False", "store_x=True"])
+@pytest.mark.parametrize("name", sorted(WRAPPED_BASES))
+def test_wrapper_adds_no_params_sized_temporary(name, store_x):
+  """schedule_free(base): the base's state plus z (plus x), nothing allocated beyond the base's own."""
   params = _tree(SHAPES["three"], 0)
-  tx = FACTORIES[name](False)
-  assert violations([compile_step(tx, params)], tx, params) == []
+  base = WRAPPED_BASES[name](params)
+  tx = sf_optax.schedule_free(base, 1e-2, store_x=store_x)
+  state = jax.eval_shape(tx.init, params)
+  params_bytes = program.tree_bytes(params)
+  assert (program.tree_bytes(state, min_ndim=1)
+          == program.tree_bytes(jax.eval_shape(base.init, params), min_ndim=1)
+          + (2 if store_x else 1) * params_bytes)
+  wrapped = program.Profile([compile_step(tx, params)], params)
+  alone = program.Profile([compile_step(base, params)], params)
+  assert wrapped.allocated <= alone.allocated + SCALAR_SLACK
+  if name not in BASES_WITH_OWN_COPY:
+    assert alone.allocated <= SCALAR_SLACK
+    assert violations([compile_step(tx, params)], tx, params) == []
 
 
 # ------------------------------------------------------------------ the guards can fail

@@ -241,25 +241,33 @@ def builtin_entries() -> list[Entry]:
 # Built-ins: SF-SGD is schedule_free(sgd); SF-AdamW without decay is
 # schedule_free(adam(b1=0)) (Adam without momentum, bias-corrected v); with μP
 # per-parameter learning rates both take mup_flax.schedule_free_scales.
-def _wrapped_bases() -> list[tuple[str, Callable[[Any, Any], Any], Optional[str]]]:
+def _wrapped_bases() -> list[tuple[str, Callable[[Any, Any], Any], Optional[str], str]]:
+  """(label, base factory, built-in computing the same thing or None, note)."""
   lr = LEARNING_RATE
+  own_copy = "step shared: reads the old m (optax.lion alone copies m on XLA:CPU too)"
   return [
-      ("optax.sgd", lambda sd, _: optax.sgd(lr), "sgd"),
+      ("optax.sgd", lambda sd, _: optax.sgd(lr), "sgd", ""),
       ("optax.sgd(momentum=0.9)",
-       lambda sd, _: optax.sgd(lr, momentum=0.9, accumulator_dtype=sd), None),
-      ("optax.adam(b1=0)", lambda sd, _: optax.adam(lr, b1=0.0, mu_dtype=sd), "adamw"),
+       lambda sd, _: optax.sgd(lr, momentum=0.9, accumulator_dtype=sd), None, "no built-in"),
+      ("optax.adam(b1=0)", lambda sd, _: optax.adam(lr, b1=0.0, mu_dtype=sd), "adamw", ""),
       ("optax.adamw(b1=0, weight_decay=0)",
-       lambda sd, _: optax.adamw(lr, b1=0.0, weight_decay=0.0, mu_dtype=sd), "adamw"),
+       lambda sd, _: optax.adamw(lr, b1=0.0, weight_decay=0.0, mu_dtype=sd), "adamw", ""),
       ("optax.chain(scale_by_adam(b1=0), scale_by_learning_rate)",
        lambda sd, _: optax.chain(optax.scale_by_adam(b1=0.0, mu_dtype=sd),
-                                 optax.scale_by_learning_rate(lr)), "adamw"),
+                                 optax.scale_by_learning_rate(lr)), "adamw", ""),
       ("optax.lion(weight_decay=0)",
-       lambda sd, _: optax.lion(lr, weight_decay=0.0, mu_dtype=sd), None),
-      ("optax.rmsprop", lambda sd, _: optax.rmsprop(lr), None),
-      ("optax.adabelief(b1=0)", lambda sd, _: optax.adabelief(lr, b1=0.0), None),
+       lambda sd, _: optax.lion(lr, weight_decay=0.0, mu_dtype=sd), None, own_copy),
+      ("optax.rmsprop", lambda sd, _: optax.rmsprop(lr), None, "no built-in"),
+      ("optax.adabelief(b1=0)", lambda sd, _: optax.adabelief(lr, b1=0.0), None,
+       "no built-in; optax.adabelief alone copies m on XLA:CPU"),
       ("mup_flax.mu_adam(b1=0)",
-       lambda sd, inf: mup_flax.mu_adam(lr, inf, b1=0.0, mu_dtype=sd), "mu_adamw"),
-      ("mup_flax.mu_sgd", lambda sd, inf: mup_flax.mu_sgd(lr, inf), "mu_sgd"),
+       lambda sd, inf: mup_flax.mu_adam(lr, inf, b1=0.0, mu_dtype=sd), "mu_adamw", ""),
+      ("mup_flax.mu_sgd", lambda sd, inf: mup_flax.mu_sgd(lr, inf), "mu_sgd", ""),
+      ("optax.chain(scale_by_adam(b1=0), add_decayed_weights(1e-4), scale_by_learning_rate)",
+       lambda sd, _: optax.chain(optax.scale_by_adam(b1=0.0, mu_dtype=sd),
+                                 optax.add_decayed_weights(WEIGHT_DECAY),
+                                 optax.scale_by_learning_rate(lr)), None,
+       "step shared: reads the params (use the wrapper's weight_decay instead)"),
   ]
 
 
@@ -288,7 +296,7 @@ def wrapper_entries() -> list[Entry]:
   result = []
   for store_x in (False, True):
     seen = set()
-    for base_label, base, kind in _wrapped_bases():
+    for base_label, base, kind, note in _wrapped_bases():
       if kind is not None and kind not in seen:
         seen.add(kind)
         result.append(_builtin(kind, store_x))
@@ -297,7 +305,7 @@ def wrapper_entries() -> list[Entry]:
           f"sf_optax.schedule_free({base_label})", "sf_optax", store_x,
           lambda sd, inf, b=base, s=store_x: sf_optax.schedule_free(
               b(sd, inf), LEARNING_RATE, store_x=s, state_dtype=sd),
-          reference, "" if kind else "no built-in"))
+          reference, note))
   return result
 
 
@@ -688,7 +696,9 @@ def entry_table(config: dict) -> list[str]:
   for r in config["entries"]:
     temp = None if r["temp_bytes"] is None else r["temp_bytes"] / MiB
     peak = None if r["peak_bytes"] is None else r["peak_bytes"] / MiB
-    ref = fmt(r["time_over_reference"]) if r["reference"] else (r["note"] or "")
+    ref = fmt(r["time_over_reference"]) if r["reference"] else ""
+    if r["note"]:
+      ref = f"{ref} ({r['note']})" if ref else r["note"]
     peak_ref = f" ({fmt(r['peak_over_reference'])})" if r["peak_over_reference"] else ""
     lines.append(
         f"| {r['optimizer']} | {'' if r['store_x'] is None else r['store_x']} |"

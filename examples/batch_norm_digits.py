@@ -160,22 +160,14 @@ def run_nnx(data, args):
   def accuracy(model, images, labels):
     return jnp.mean(jnp.argmax(model(images), -1) == labels)
 
-  def at_x(model, optimizer):
-    """An evaluation copy of ``model`` holding x, in evaluation mode."""
-    x = sf_optax.eval_params(
-        nnx.as_pure(optimizer.opt_state), nnx.as_pure(nnx.state(model, nnx.Param)))
-    eval_model = nnx.clone(model)  # new Variables (merge(*split(model)) would share them)
-    nnx.update(eval_model, x)
-    eval_model.eval()
-    return eval_model
-
   rows = []
   for epoch, batches in enumerate(epochs_of_batches(
       data["x_train"], data["y_train"], args.batch_size, args.epochs, args.seed)):
     model.train()
     for images, labels in batches:
       loss = train_step(model, optimizer, images, labels)
-    eval_model = at_x(model, optimizer)
+    eval_model = sf_optax.eval_model(model, optimizer)  # a copy at x; model stays at y
+    eval_model.eval()
     test = (data["x_test"], data["y_test"])
     acc_x_stale = float(accuracy(eval_model, *test))
     timer = _common.timer()

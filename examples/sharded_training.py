@@ -115,7 +115,8 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--compare-single-device", action="store_true",
                       help="also run the steps on one device and report the difference")
-  parser.add_argument("--checkpoint", default=None, help="save params + state here (Orbax)")
+  parser.add_argument("--checkpoint", default=None,
+                      help="save params + state here, in DIR/<step> (sf_optax.CheckpointManager)")
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() (multi-host)")
   parser.add_argument("--coordinator-address", default=None)
@@ -241,9 +242,10 @@ def main(argv=None):
     result["val_loss_at_x_single_device"] = single
 
   if args.checkpoint:
-    sf_optax.save_checkpoint(os.path.abspath(args.checkpoint),
-                             {"params": params, "opt_state": opt_state}, overwrite=True)
-    log(f"checkpoint written to {args.checkpoint}")
+    # A rolling checkpoint: step args.steps is committed before an older one is removed.
+    with sf_optax.CheckpointManager(args.checkpoint, max_to_keep=1) as manager:
+      manager.save(args.steps, {"params": params, "opt_state": opt_state})
+      log(f"checkpoint written to {manager.step_directory(args.steps)}")
   if jax.process_index() == 0:
     path = os.path.join(args.out, "sharded_training.json")
     _common.write_json(path, result)

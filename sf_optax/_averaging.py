@@ -1,4 +1,4 @@
-"""The scalar bookkeeping of Schedule-Free: warmup, lr_max and the averaging weights.
+"""The scalar bookkeeping of Schedule-Free: the learning rate at step k, lr_max and the averaging weights.
 
 Everything here works on scalars once per step. The weights follow the reference
 (Defazio et al., 2024, and the PyTorch ``schedulefree`` package)::
@@ -17,10 +17,13 @@ float64 value over any run length.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from sf_optax import _validation
 
 
 def float32_or_wider(*dtypes: Any) -> jnp.dtype:
@@ -46,6 +49,39 @@ def warmup_factor(count: jax.Array, warmup_steps: Any, dtype: Any) -> jax.Array:
   step = (count + 1).astype(dtype)
   steps = jnp.maximum(jnp.asarray(warmup_steps, dtype), 1)
   return jnp.minimum(step / steps, 1).astype(dtype)
+
+
+def learning_rate_at(
+    learning_rate: optax.ScalarOrSchedule,
+    count: jax.Array,
+    dtype: Any,
+    *,
+    warmup_steps: Any = 0,
+    factor: Optional[Callable[[jax.Array, Any], jax.Array]] = None,
+) -> jax.Array:
+  """The learning rate of step k: schedule(k) * warmup(k) * factor(k).
+
+  The one place where it is computed: the z-step moves by it, and it feeds
+  lr_max, the averaging weights and the weight decay.
+
+  Args:
+    learning_rate: a number or an Optax schedule (a function of k).
+    count: k, the number of steps already taken (int32 scalar).
+    dtype: the dtype of the result (that of the bookkeeping).
+    warmup_steps: the length of the linear warmup; 0 for none.
+    factor: a z-step's own factor ``(count, dtype) -> scalar``: the paper
+      variant's sqrt(1 - b2^k), RAdam's rectification.
+
+  Returns:
+    A scalar of ``dtype``.
+  """
+  value = learning_rate(count) if callable(learning_rate) else learning_rate
+  lr = jnp.asarray(value).astype(dtype)
+  if not _validation.is_zero(warmup_steps):
+    lr = lr * warmup_factor(count, warmup_steps, dtype)
+  if factor is not None:
+    lr = lr * factor(count, dtype)
+  return lr
 
 
 def bias_correction(decay: Any, count: jax.Array, dtype: Any) -> jax.Array:

@@ -274,10 +274,7 @@ def recompute_batch_stats_nnx(
 
   Typical use, with the params of an evaluation copy set to x::
 
-    eval_model = nnx.clone(model)                       # a copy: new Variables
-    x = sf_optax.eval_params(nnx.as_pure(optimizer.opt_state),
-                             nnx.as_pure(nnx.state(model, nnx.Param)))
-    nnx.update(eval_model, x)
+    eval_model = sf_optax.eval_model(model, optimizer)  # a copy at x: new Variables
     eval_model.eval()                                   # dropout off, running stats
     sf_optax.recompute_batch_stats_nnx(eval_model, train_images, num_batches=50)
     logits = eval_model(test_images)

@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sf_optax._per_parameter import parameter_path_name
+
 
 def is_concrete(value: Any) -> bool:
   """Whether ``value`` is a concrete number that Python may inspect.
@@ -22,6 +24,11 @@ def is_concrete(value: Any) -> bool:
   except (TypeError, ValueError):
     return False
   return np.ndim(value) == 0
+
+
+def is_zero(value: Any) -> bool:
+  """Whether ``value`` is known in Python to be 0 (a traced value never is)."""
+  return is_concrete(value) and float(value) == 0.0
 
 
 def check_scalar(
@@ -72,6 +79,66 @@ def check_nonnegative(**values: Any) -> None:
     check_scalar(name, value, lower=0.0)
 
 
+def check_decay(name: str, value: Any) -> None:
+  """An exponential-average decay (b2, b3) must lie in [0, 1)."""
+  check_scalar(name, value, lower=0.0, upper=1.0)
+  if is_concrete(value) and float(value) == 1.0:
+    raise ValueError(f"{name} must lie in [0, 1), got {value!r}.")
+
+
+def check_adaptive(**values: Any) -> None:
+  """Decays (``b2``, ``b3``) in [0, 1) and a nonnegative ``eps`` of an adaptive z-step."""
+  for name, value in values.items():
+    if name == "eps":
+      check_nonnegative(eps=value)
+    else:
+      check_decay(name, value)
+
+
+def check_base_optimizer(base_optimizer: Any) -> None:
+  """The wrapper's base must be an Optax transformation (an init and an update)."""
+  if not (callable(getattr(base_optimizer, "init", None))
+          and callable(getattr(base_optimizer, "update", None))):
+    raise TypeError(
+        "base_optimizer must be an Optax GradientTransformation (e.g. optax.adam(1e-3,"
+        f" b1=0.0)), got {type(base_optimizer).__name__}: {base_optimizer!r:.80}."
+    )
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+  """A number (not a schedule) must be a nonnegative learning rate."""
+  if not callable(learning_rate):
+    check_nonnegative(learning_rate=learning_rate)
+
+
+def check_weight_decay_at(weight_decay_at: Any) -> None:
+  if weight_decay_at not in ("y", "z"):
+    raise ValueError(f'weight_decay_at must be "y" or "z", got {weight_decay_at!r}.')
+
+
+def check_settings(settings: Any) -> None:
+  """Validates the settings every optimizer of the family shares (``_schedule_free.Settings``)."""
+  check_learning_rate(settings.learning_rate)
+  check_b1(settings.b1)
+  check_nonnegative(
+      weight_decay=settings.weight_decay, r=settings.r, weight_lr_power=settings.weight_lr_power
+  )
+  check_warmup_steps(settings.warmup_steps)
+  check_weight_decay_at(settings.weight_decay_at)
+
+
+def check_update_inputs(updates: Any, z: Any, params: Any) -> None:
+  """The gradients and params of an update must be trees like the state's z."""
+  if params is None:
+    raise ValueError(
+        "Schedule-Free optimizers need params (the point y where the gradient was"
+        " taken): call update(grads, state, params)."
+    )
+  for name, tree in (("grads", updates), ("params", params)):
+    check_same_structure(name, tree, "state.z", z)
+    check_same_shapes(name, tree, "state.z", z)
+
+
 def check_warmup_steps(warmup_steps: Any) -> None:
   if not is_concrete(warmup_steps):
     return
@@ -80,9 +147,26 @@ def check_warmup_steps(warmup_steps: Any) -> None:
     raise ValueError(f"warmup_steps must be an integer, got {warmup_steps!r}.")
 
 
+def static_float(value: Any) -> float:
+  """A per-parameter number known in Python (not traced), as a float."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError("must hold Python numbers (static), got a traced value.")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"must hold numbers, got {value!r}.") from None
+
+
+def static_bool(value: Any) -> float:
+  """A per-parameter flag known in Python (not traced), as 1.0 or 0.0."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError("must hold Python booleans (static), got a traced value.")
+  return 1.0 if bool(value) else 0.0
+
+
 def _paths(tree: Any) -> set[str]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path) for path, _ in leaves}
+  return {parameter_path_name(path) for path, _ in leaves}
 
 
 def check_same_structure(name: str, tree: Any, state_name: str, state_tree: Any) -> None:
@@ -123,6 +207,6 @@ def check_same_shapes(name: str, tree: Any, state_name: str, state_tree: Any) ->
   for (path, leaf), state_leaf in zip(leaves, state_leaves):
     if np.shape(leaf) != np.shape(state_leaf):
       raise ValueError(
-          f"{name}{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, but"
-          f" {state_name}{jax.tree_util.keystr(path)} has shape {np.shape(state_leaf)}."
+          f"{name} at {parameter_path_name(path)} has shape {np.shape(leaf)}, but"
+          f" {state_name} has shape {np.shape(state_leaf)} there."
       )

@@ -720,14 +720,6 @@ def case_mup_nnx_fsdp_scan():
     pin_shardings(model, optimizer)
     return loss
 
-  @nnx.jit
-  def at_x(model, optimizer):
-    x = sf_optax.eval_params(nnx.as_pure(optimizer.opt_state),
-                             nnx.as_pure(nnx.state(model, nnx.Param)))
-    model_x = nnx.clone(model)
-    nnx.update(model_x, x)
-    return model_x
-
   def run(sharded):
     model = mup_flax.nnx.set_base_shapes(Net(64, nnx.Rngs(0)), base_shapes)
     infshapes = mup_flax.get_infshapes(model)
@@ -737,7 +729,7 @@ def case_mup_nnx_fsdp_scan():
     xs, ys = (jax.device_put((x, y), NamedSharding(mesh, P("fsdp"))) if sharded else (x, y))
     for _ in range(STEPS):
       sync(train_step(model, optimizer, xs, ys))
-    return model, optimizer, at_x(model, optimizer), infshapes
+    return model, optimizer, nnx.jit(sf_optax.eval_model)(model, optimizer), infshapes
 
   with nnx.use_eager_sharding(False):
     m1, o1, e1, inf1 = run(False)

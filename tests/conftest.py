@@ -29,5 +29,5 @@ def _float64_does_not_leak(request):
 
 # Never imported by the test process: the fixture generators import torch and the
 # PyTorch references (run by hand, tests/reference/README.md), and the sharding
-# worker turns on float64 and 8 devices for its own subprocess.
-collect_ignore = ["reference", "_sharding_worker.py"]
+# workers turn on float64 and 8 devices for their own subprocesses.
+collect_ignore = ["reference", "_sharding_worker.py", "_sharding_nnx_worker.py"]

@@ -1,7 +1,7 @@
 """Schedule-Free Adan: against a float64 NumPy transcription, and its reductions.
 
 The transcription below is written from the algorithm as derived in
-``sf_optax/_adan.py`` (Adan's official update with its first moment dropped,
+``docs/EXTRAS.md`` (Adan's official update with its first moment dropped,
 inside the reference's Schedule-Free bookkeeping of
 ``shared/reference/schedule_free.md``), explicitly keeping x, y and z, with
 Python floats for the scalar bookkeeping. It shares no code with sf_optax.
@@ -207,21 +207,20 @@ def test_z_step_alone_is_published_adan_without_first_moment():
   moment's decay set to 0. optax.adan computes that at b2 = 0.5, the one value
   where its (1 - b2) weight of the difference term equals the paper's b2.
   """
-  from sf_optax._adan import adan_z_step
+  from sf_optax import _z_steps
 
   lr, b2, b3, eps = 0.05, 0.5, 0.99, 1e-8
   params, noises = initial_params_and_noises()
-  z_step = adan_z_step(b2, b3, eps)
+  z_step = _z_steps.adan(b2, b3, eps)
   adan = optax_adan_without_first_moment(lr, b2, b3, eps)
   z = jax.tree.map(jnp.asarray, params)
   theta = z
   z_state, adan_state = z_step.init(z), adan.init(theta)
   for k, noise in enumerate(noises):
-    steps, z_state = z_step.update(
+    directions, z_state = z_step.update(
         jax.tree.map(noisy_gradient, z, noise), z_state, z,
-        learning_rate=jnp.asarray(lr, jnp.float64), count=jnp.asarray(k, jnp.int32),
-        scales=None)
-    z = optax.apply_updates(z, steps)
+        learning_rate=jnp.asarray(lr, jnp.float64), count=jnp.asarray(k, jnp.int32))
+    z = jax.tree.map(lambda z, u: z - lr * u, z, directions)
     updates, adan_state = adan.update(
         jax.tree.map(noisy_gradient, theta, noise), adan_state, theta)
     theta = optax.apply_updates(theta, updates)
@@ -241,7 +240,7 @@ def test_equals_schedule_free_wrapper_around_optax_adan(store_x):
       params, noises)
   wrapped = run_sf_optax(
       sf_optax.schedule_free(optax_adan_without_first_moment(lr, b2, b3, eps), lr,
-                             weight_decay_at_y=0.2, **common),
+                             weight_decay=0.2, **common),
       params, noises)
   for name in SHAPES:
     assert relative_error(built_in[0][name], wrapped[0][name]) <= TOLERANCE

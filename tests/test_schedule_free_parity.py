@@ -79,7 +79,12 @@ def base_optimizer(base):
 
 def build(case, *, store_x, **overrides):
   """The sf_optax optimizer of a case; ``overrides`` replace hyperparameters."""
-  hyperparameters = {**case["hyperparameters"], **overrides}
+  # The fixtures keep the reference wrapper's name; sf_optax spells it weight_decay.
+  hyperparameters = {
+      "weight_decay" if name == "weight_decay_at_y" else name: value
+      for name, value in case["hyperparameters"].items()
+  }
+  hyperparameters.update(overrides)
   lr = learning_rate(case["learning_rate"])
   if case["optimizer"] == "wrapper":
     return sf_optax.schedule_free(base_optimizer(case["base"]), lr,
@@ -179,7 +184,7 @@ PERTURBATIONS = {
     "silent_phase_flipped": ("radam_silent", {"silent_sgd_phase": False}),
     "loud_phase_flipped": ("radam_not_silent", {"silent_sgd_phase": True}),
     "weight_decay_at_y_ignored": ("wrapper_sgd_momentum_wd_at_y",
-                                  {"weight_decay_at_y": 0.0}),
+                                  {"weight_decay": 0.0}),
 }
 
 

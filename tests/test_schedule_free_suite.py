@@ -30,11 +30,11 @@ def schedule_free_around_sgd(
   """``sf_optax.schedule_free`` around ``optax.sgd``, with the built-ins' signature.
 
   ``learning_rate`` feeds both the base and the wrapper (so ``inject_hyperparams``
-  over it reaches both); ``weight_decay`` is the wrapper's ``weight_decay_at_y``.
+  over it reaches both); ``weight_decay`` is the wrapper's own.
   """
   return sf_optax.schedule_free(
       optax.sgd(learning_rate), learning_rate, b1=b1, warmup_steps=warmup_steps, r=r,
-      weight_lr_power=weight_lr_power, weight_decay_at_y=weight_decay, state_dtype=state_dtype,
+      weight_lr_power=weight_lr_power, weight_decay=weight_decay, state_dtype=state_dtype,
       store_x=store_x,
   )
 
@@ -46,7 +46,7 @@ def schedule_free_around_adam(
   """``sf_optax.schedule_free`` around ``optax.adam`` (no momentum of its own: b1 is the wrapper's)."""
   return sf_optax.schedule_free(
       optax.adam(learning_rate, b1=0.0), learning_rate, b1=b1, warmup_steps=warmup_steps, r=r,
-      weight_lr_power=weight_lr_power, weight_decay_at_y=weight_decay, state_dtype=state_dtype,
+      weight_lr_power=weight_lr_power, weight_decay=weight_decay, state_dtype=state_dtype,
       store_x=store_x,
   )
 
@@ -59,8 +59,6 @@ class Optimizer:
   factory: Callable[..., optax.GradientTransformationExtraArgs]
   parabola_learning_rate: float
   rosenbrock_learning_rate: float
-  # RAdam has no warmup_steps: its rectification is the warmup.
-  has_warmup_steps: bool = True
 
   def __str__(self):
     return self.name
@@ -70,7 +68,7 @@ OPTIMIZERS = [
     Optimizer("sgd", sf_optax.schedule_free_sgd, 0.1, 0.01),
     Optimizer("adamw", sf_optax.schedule_free_adamw, 0.1, 0.03),
     Optimizer("adamw_paper", sf_optax.schedule_free_adamw_paper, 0.1, 0.01),
-    Optimizer("radam", sf_optax.schedule_free_radam, 0.3, 0.03, has_warmup_steps=False),
+    Optimizer("radam", sf_optax.schedule_free_radam, 0.3, 0.03),
     Optimizer("adan", sf_optax.schedule_free_adan, 0.1, 0.03),
     Optimizer("wrapper_sgd", schedule_free_around_sgd, 0.1, 0.01),
     Optimizer("wrapper_adam", schedule_free_around_adam, 0.1, 0.03),
@@ -226,9 +224,7 @@ def test_converges_on_parabola_and_rosenbrock(optimizer, store_x):
 @every_optimizer
 @both_store_x
 def test_inject_hyperparams_equals_plain(optimizer, store_x):
-  hyperparams = dict(learning_rate=0.05, b1=0.8, weight_decay=0.1)
-  if optimizer.has_warmup_steps:
-    hyperparams["warmup_steps"] = 4
+  hyperparams = dict(learning_rate=0.05, b1=0.8, weight_decay=0.1, warmup_steps=4)
   plain = optimizer.factory(**hyperparams, store_x=store_x)
   injected = optax.inject_hyperparams(optimizer.factory)(**hyperparams, store_x=store_x)
   grads = gradient_sequence(20)
@@ -419,9 +415,7 @@ def test_buffers_can_be_donated(optimizer, store_x):
 @every_optimizer
 @both_store_x
 def test_constant_schedule_equals_float(optimizer, store_x):
-  kwargs = dict(store_x=store_x, weight_decay=0.1)
-  if optimizer.has_warmup_steps:
-    kwargs["warmup_steps"] = 3
+  kwargs = dict(store_x=store_x, weight_decay=0.1, warmup_steps=3)
   with_float = optimizer.factory(0.05, **kwargs)
   with_schedule = optimizer.factory(optax.constant_schedule(0.05), **kwargs)
   grads = gradient_sequence(10)

@@ -195,18 +195,9 @@ def nnx_train_step(model, optimizer):
   return loss
 
 
-def at_x(model, optimizer):
-  """A copy of ``model`` holding x; ``model`` (at y) is left as it is."""
-  x = sf_optax.eval_params(nnx.as_pure(optimizer.opt_state),
-                           nnx.as_pure(nnx.state(model, nnx.Param)))
-  model_x = nnx.clone(model)  # not nnx.merge(*nnx.split(model)): that shares the Variables
-  nnx.update(model_x, x)
-  return model_x
-
-
 @nnx.jit
 def nnx_eval(model, optimizer):
-  return mse(at_x(model, optimizer)(X))
+  return mse(sf_optax.eval_model(model, optimizer)(X))
 
 
 def test_nnx_optimizer_loop():
@@ -259,4 +250,4 @@ def test_nnx_mup_optimizer_loop():
     nnx_train_step(model, optimizer)
   assert float(nnx_eval(model, optimizer)) < 0.5 * initial
   assert mup_flax.get_infshapes(model) == infshapes
-  assert mup_flax.get_infshapes(at_x(model, optimizer)) == infshapes
+  assert mup_flax.get_infshapes(sf_optax.eval_model(model, optimizer)) == infshapes

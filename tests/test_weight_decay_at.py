@@ -265,7 +265,7 @@ def test_y_is_the_reference_default(name):
 def test_z_is_the_wrappers_base_decay(store_x):
   """Decay at z == schedule_free(optax.adamw(b1=0)): the base decays the z it sees.
 
-  Likewise decay at y == schedule_free(optax.adam(b1=0), weight_decay_at_y=...).
+  Likewise decay at y == schedule_free(optax.adam(b1=0), weight_decay=...).
   """
   params, noises = problem()
   lr, b2, eps, wd, warmup = 0.03, 0.99, 1e-8, 0.5, 0
@@ -277,7 +277,7 @@ def test_z_is_the_wrappers_base_decay(store_x):
   built_in_y = run(sf_optax.schedule_free_adamw(
       lr, b2=b2, eps=eps, weight_decay=wd, warmup_steps=warmup, store_x=store_x), params, noises)
   wrapped_y = run(sf_optax.schedule_free(
-      optax.adam(lr, b1=0.0, b2=b2, eps=eps), lr, weight_decay_at_y=wd, store_x=store_x),
+      optax.adam(lr, b1=0.0, b2=b2, eps=eps), lr, weight_decay=wd, store_x=store_x),
       params, noises)
   for built_in, wrapped in ((built_in_z, wrapped_z), (built_in_y, wrapped_y)):
     for name in SHAPES:

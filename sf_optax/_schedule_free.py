@@ -123,13 +123,30 @@ def _decay_factors(settings: Settings, params: optax.Params, n_leaves: int) -> l
   return factors
 
 
-def _decay_term(y, z, factor, decay_rate, weight_decay_at):
+class _Memo(dict):
+  """Scalars computed once per key (compute dtype, static factor) rather than per leaf.
+
+  With thousands of leaves, scalar arithmetic repeated per leaf is a large part
+  of what is traced, lowered and compiled; XLA would merge the copies only
+  after paying for them.
+  """
+
+  def __init__(self, compute_fn):
+    super().__init__()
+    self.compute_fn = compute_fn
+
+  def __missing__(self, key):
+    value = self[key] = self.compute_fn(*key)
+    return value
+
+
+def _decay_term(y, z, factor, rates, weight_decay_at):
   """lr * weight_decay * factor * (y or z), in the leaf's compute dtype; None if 0."""
   if factor == 0.0:
     return None
   compute = _averaging.float32_or_wider(y.dtype, z.dtype)
   at = y if weight_decay_at == "y" else z
-  return (decay_rate * factor).astype(compute) * at.astype(compute)
+  return rates[compute, factor] * at.astype(compute)
 
 
 def _scaled_steps(directions, step_size, scales):
@@ -137,11 +154,16 @@ def _scaled_steps(directions, step_size, scales):
   if step_size is None and scales is None:
     return directions
   scales = [None] * len(directions) if scales is None else scales
+
+  def factor(compute, s):
+    value = step_size if s is None else (s if step_size is None else step_size * s)
+    return jnp.asarray(value).astype(compute)
+
+  factors = _Memo(factor)
   steps = []
   for u, s in zip(directions, scales):
     compute = _averaging.float32_or_wider(u.dtype)
-    factor = step_size if s is None else (s if step_size is None else step_size * s)
-    steps.append(jnp.asarray(factor).astype(compute) * u.astype(compute))
+    steps.append(factors[compute, s] * u.astype(compute))
   return steps
 
 
@@ -153,7 +175,9 @@ def _steps_for_y(direction, steps, updates, base_state, scalars, count, scales, 
   its direction from the state it returned, the y loop evaluates it again from
   buffers it reads anyway; the optimization barrier stops XLA from merging the
   two copies (which would bring the temporary back). On GPU and TPU, where one
-  kernel can write several outputs, the steps are simply shared.
+  kernel can write several outputs, the steps are simply shared. The
+  recomputation is traced once, outside the platform branches, so that they
+  hold no per-leaf work (with thousands of leaves that is tracing time).
   """
   if direction is None:
     return steps
@@ -166,7 +190,17 @@ def _steps_for_y(direction, steps, updates, base_state, scalars, count, scales, 
   )
 
 
-def _move(y, z, x, step, step_for_y, term, c, b1):
+def _interpolation(c, b1):
+  """Per compute dtype: c, b1, 1 - b1 and (1 - c) (1 - b1), for :func:`_move`."""
+
+  def coefficients(compute):
+    c_c, b1_c = c.astype(compute), b1.astype(compute)
+    return c_c, b1_c, 1 - b1_c, (1 - c_c) * (1 - b1_c)
+
+  return _Memo(coefficients)
+
+
+def _move(y, z, x, step, step_for_y, term, interpolation):
   """One leaf of the step: (update y' - y, z', x'), computed in float32 or wider."""
   compute = _averaging.float32_or_wider(y.dtype, z.dtype)
   y_c, z_c = y.astype(compute), z.astype(compute)
@@ -175,15 +209,15 @@ def _move(y, z, x, step, step_for_y, term, c, b1):
     return step.astype(compute) if term is None else step.astype(compute) - term
 
   z_next = z_c + change_of_z(step)
-  c_c, b1_c = c.astype(compute), b1.astype(compute)
+  c_c, b1_c, one_minus_b1, y_coefficient = interpolation[(compute,)]
   if x is not None:
     x_c = x.astype(compute)
     x_next = x_c + c_c * (z_next - x_c)
-    y_next = b1_c * x_next + (1 - b1_c) * z_next
+    y_next = b1_c * x_next + one_minus_b1 * z_next
     return (y_next - y_c).astype(y.dtype), z_next.astype(z.dtype), x_next.astype(x.dtype)
   # Written with z' rather than z so that no kernel reads the old z after z'
   # may have overwritten it in place (otherwise XLA copies z).
-  update = c_c * (z_next - y_c) + (1 - c_c) * (1 - b1_c) * change_of_z(step_for_y)
+  update = c_c * (z_next - y_c) + y_coefficient * change_of_z(step_for_y)
   return update.astype(y.dtype), z_next.astype(z.dtype), None
 
 
@@ -239,8 +273,9 @@ def schedule_free_transform(
     leaves_z = treedef.flatten_up_to(state.z)
     scales = _per_leaf(settings.lr_scales, params, "lr_scales", _validation.static_float)
 
+    rates = _Memo(lambda compute, factor: (scalars.decay_rate * factor).astype(compute))
     decay_terms = [
-        _decay_term(y, z, factor, scalars.decay_rate, settings.weight_decay_at)
+        _decay_term(y, z, factor, rates, settings.weight_decay_at)
         for y, z, factor in zip(leaves_y, leaves_z, _decay_factors(settings, params, len(leaves_y)))
     ]
     z_seen = treedef.unflatten([
@@ -260,8 +295,9 @@ def schedule_free_transform(
           direction, steps, updates, base_state, scalars, count, scales, treedef
       )
     leaves_x = treedef.flatten_up_to(state.x) if store_x else [None] * len(leaves_y)
+    interpolation = _interpolation(scalars.averaging.c, scalars.b1)
     moved = [
-        _move(*leaf, scalars.averaging.c, scalars.b1)
+        _move(*leaf, interpolation)
         for leaf in zip(leaves_y, leaves_z, leaves_x, steps, steps_for_y, decay_terms)
     ]
     new_state = ScheduleFreeState(

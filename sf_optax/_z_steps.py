@@ -152,11 +152,17 @@ def _second_moment(
     if rectify:
       _, adaptive = rectification(b2, count, dtype, silent_sgd_phase)
 
+    constants = {}  # per compute dtype, not per leaf (see _schedule_free._Memo)
+
     def one(g, nu):
       compute = _compute_dtype(g, nu)
+      if compute not in constants:
+        constants[compute] = (bias_correction2.astype(compute),
+                              jnp.asarray(eps, dtype).astype(compute))
+      bias_correction2_c, eps_c = constants[compute]
       nu = nu.astype(compute)
-      second = nu / bias_correction2.astype(compute) if bias_correct else nu
-      denominator = jnp.sqrt(second) + jnp.asarray(eps, dtype).astype(compute)
+      second = nu / bias_correction2_c if bias_correct else nu
+      denominator = jnp.sqrt(second) + eps_c
       if rectify:
         # Selecting the denominator, not u, keeps g read once.
         denominator = jnp.where(adaptive, denominator, 1)
@@ -167,11 +173,16 @@ def _second_moment(
   def update(updates, state, params, *, learning_rate, count, **extra_args):
     del params, extra_args
 
+    constants = {}
+
     def second_moment(g, nu):
       compute = _compute_dtype(g, nu)
+      if compute not in constants:
+        b2_c = jnp.asarray(b2, learning_rate.dtype).astype(compute)
+        constants[compute] = (b2_c, 1 - b2_c)
+      b2_c, one_minus_b2 = constants[compute]
       g = g.astype(compute)
-      b2_c = jnp.asarray(b2, learning_rate.dtype).astype(compute)
-      return (b2_c * nu.astype(compute) + (1 - b2_c) * g * g).astype(nu.dtype)
+      return (b2_c * nu.astype(compute) + one_minus_b2 * g * g).astype(nu.dtype)
 
     new_state = SecondMomentState(nu=jax.tree.map(second_moment, updates, state.nu))
     return direction(updates, new_state, learning_rate=learning_rate, count=count), new_state

@@ -144,6 +144,7 @@ class Entry(NamedTuple):
   store_x: bool | None
   buffers: str  # what one step reads and writes, by construction
   make: Callable[[Any], optax.GradientTransformation]  # state_dtype (or None) -> tx
+  needs_value: bool = False  # its update takes the loss as the extra argument `value`
 
 
 def entries() -> list[Entry]:
@@ -160,6 +161,14 @@ def entries() -> list[Entry]:
             f"r: g, y, z{x}, v; w: y, z{x}, v",
             lambda sd, s=store_x: sf_optax.schedule_free_adamw(
                 LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd)),
+        # ScheduleFree+: Adam's m and v, and before the per-leaf pass one
+        # reduction pass over g, z and x (or y) for its global L1 norm and
+        # inner product.
+        Entry(
+            "sf_optax.schedule_free_plus", "sf_optax", store_x,
+            f"r: g, y, z{x}, m, v; w: y, z{x}, m, v",
+            lambda sd, s=store_x: sf_optax.schedule_free_plus(
+                weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd), needs_value=True),
         Entry(
             "sf_optax.schedule_free_radam", "sf_optax", store_x,
             f"r: g, y, z{x}, v; w: y, z{x}, v",
@@ -308,8 +317,10 @@ class Prepared:
     self.params = jax.tree.map(jnp.copy, params)
     self.state = jax.jit(tx.init)(self.params)
 
+    extra_args = {"value": jnp.ones([], jnp.float32)} if entry.needs_value else {}
+
     def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
+      updates, state = tx.update(grads, state, params, **extra_args)
       return optax.apply_updates(params, updates), state
 
     start = time.perf_counter()
@@ -483,6 +494,8 @@ def goals(config: dict) -> dict[str, Any]:
   sgd_f = find(config, "sf_optax.schedule_free_sgd", False)
   sgd_t = find(config, "sf_optax.schedule_free_sgd", True)
   out = {
+      "sf_plus_F / sf_adamw_F": ratio(find(config, "sf_optax.schedule_free_plus", False), adamw_f),
+      "sf_plus_T / sf_adamw_T": ratio(find(config, "sf_optax.schedule_free_plus", True), adamw_t),
       "sf_adamw_F / contrib_sf_adamw": ratio(adamw_f, find(config, "optax.contrib.schedule_free_adamw")),
       "sf_adamw_F / optax_adamw": ratio(adamw_f, find(config, "optax.adamw")),
       "sf_sgd_F / contrib_sf_sgd": ratio(sgd_f, find(config, "optax.contrib.schedule_free_sgd")),

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sf_optax import _averaging
+from sf_optax._per_parameter import parameter_path_name
 from sf_optax._schedule_free import ScheduleFreeState
 
 
@@ -30,7 +31,10 @@ def find_schedule_free_states(opt_state: optax.OptState) -> list[ScheduleFreeSta
 def _x_from_y_and_z(y: jax.Array, z: jax.Array, b1: jax.Array) -> jax.Array:
   compute = _averaging.float32_or_wider(y.dtype, z.dtype)
   b1 = b1.astype(compute)
-  return ((y.astype(compute) - (1 - b1) * z.astype(compute)) / b1).astype(y.dtype)
+  x = (y.astype(compute) - (1 - b1) * z.astype(compute)) / b1
+  # b1 = 0 (refused when concrete; reachable traced through inject_hyperparams)
+  # makes y = z: x is lost, and NaN says so rather than inf or a wrong number.
+  return jnp.where(b1 > 0, x, jnp.nan).astype(y.dtype)
 
 
 def eval_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params:
@@ -43,7 +47,9 @@ def eval_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
   Schedule-Free state covers (masked out, or in another partition) are returned
   as they are. With ``store_x=True`` x is read from the state (no arithmetic);
   with ``store_x=False`` it is reconstructed as (y - (1 - b1) z) / b1, one
-  elementwise pass.
+  elementwise pass. A b1 of 0 (refused by every factory, but reachable as a
+  traced value through ``optax.inject_hyperparams``) makes y = z: with
+  ``store_x=False`` x is then lost and comes back as NaN.
 
   Args:
     opt_state: the optimizer state.
@@ -54,7 +60,7 @@ def eval_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
 
   Raises:
     ValueError: if ``opt_state`` contains no Schedule-Free state, or its trees
-      do not match ``params``.
+      or shapes do not match ``params`` (naming the parameter's path).
 
   Example:
     >>> import jax.numpy as jnp, optax, sf_optax
@@ -73,7 +79,9 @@ def eval_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
         f" the optimizer state of type {type(opt_state).__name__}: was it built by"
         " an sf_optax optimizer?"
     )
-  leaves_y, treedef = jax.tree.flatten(params)
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [path for path, _ in leaves_with_paths]
+  leaves_y = [jnp.asarray(leaf) for _, leaf in leaves_with_paths]
   result = list(leaves_y)
   covered = [False] * len(leaves_y)
   for state in states:
@@ -93,6 +101,12 @@ def eval_params(opt_state: optax.OptState, params: optax.Params) -> optax.Params
             " x is ambiguous."
         )
       covered[i] = True
+      if jnp.shape(z) != leaves_y[i].shape:
+        raise ValueError(
+            f"eval_params: params at {parameter_path_name(paths[i])} has shape"
+            f" {leaves_y[i].shape}, but the optimizer state holds shape {jnp.shape(z)}"
+            " there: pass the params the optimizer is training."
+        )
       if leaves_x is not None:
         result[i] = leaves_x[i].astype(leaves_y[i].dtype)
       else:

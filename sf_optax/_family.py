@@ -44,10 +44,13 @@ weight_decay_scales: per-parameter multipliers of ``weight_decay`` (given like
   ``mask``).
 warmup_steps: linear warmup (k+1)/warmup_steps of the learning rate (k counts
   from 0).
-r: polynomial weighting power of the average.
-weight_lr_power: power of the largest learning rate in the averaging weights.
-state_dtype: dtype of z, x and the z-step's buffers, e.g. ``jnp.float32`` with
-  bf16 params; None keeps the params' dtypes.
+r: polynomial weighting power of the average, in [0, 10].
+weight_lr_power: power of the largest learning rate in the averaging weights,
+  in [0, 16].
+state_dtype: dtype of z, x and the z-step's buffers. None (default): the
+  params' dtype but at least float32, so bf16/float16 params get a float32
+  state (4 bytes per entry and buffer, twice the params' size); pass
+  ``jnp.bfloat16`` to keep a half-precision state knowingly.
 store_x: keep x in the state (default: exact and free evaluation, robust to
   low-precision params, one more params-sized buffer) or reconstruct it as
   (y - (1 - b1) z) / b1 (the state then holds z alone, like the reference).

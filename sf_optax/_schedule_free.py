@@ -234,13 +234,20 @@ def _move(y, z, x, step, step_for_y, term, c, b1, previous_b1=None):
 
 
 def _state_dtype(leaf_dtype: Any, state_dtype: Any) -> Any:
-  return leaf_dtype if state_dtype is None else state_dtype
+  """``state_dtype`` if given; else the params' dtype, but never below float32.
+
+  Half-precision state loses the steps: in float16, (1 - b2) g^2 underflows to
+  0 for |g| < 3e-4 and z stops moving by lr-sized steps; in bfloat16, z + step
+  rounds the step away once it is below 2^-8 of z.
+  """
+  return _averaging.float32_or_wider(leaf_dtype) if state_dtype is None else state_dtype
 
 
 def _copy_as(tree: optax.Params, state_dtype: Any) -> optax.Params:
   # A copy, never an alias of params: params and state are donated together.
   return jax.tree.map(
-      lambda p: jnp.array(p, dtype=_state_dtype(p.dtype, state_dtype), copy=True), tree
+      lambda p: jnp.array(p, dtype=_state_dtype(jnp.result_type(p), state_dtype), copy=True),
+      tree,
   )
 
 
@@ -261,8 +268,9 @@ def schedule_free_transform(
   store_x = settings.store_x
 
   def init_fn(params):
+    _validation.check_parameter_dtypes(params)
     dtype = _averaging.float32_or_wider(
-        state_dtype, *(leaf.dtype for leaf in jax.tree.leaves(params))
+        state_dtype, *(jnp.result_type(leaf) for leaf in jax.tree.leaves(params))
     )
     z = _copy_as(params, state_dtype)
     return ScheduleFreeState(
@@ -278,6 +286,8 @@ def schedule_free_transform(
 
   def update_fn(updates, state, params=None, **extra_args):
     _validation.check_update_inputs(updates, state.z, params)
+    # Python scalar leaves are accepted, as by Optax's own transformations.
+    updates, params = jax.tree.map(jnp.asarray, (updates, params))
     count = state.count
     step_size_of = None
     if z_step.step_size is not None:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sf_optax._per_parameter import parameter_path_name
@@ -38,22 +39,29 @@ def check_scalar(
     lower: float | None = None,
     upper: float | None = None,
     lower_open: bool = False,
+    schedule: bool = False,
 ) -> None:
-  """Raises ValueError naming ``name`` if a concrete ``value`` is out of range.
+  """Raises ValueError naming ``name`` unless ``value`` is a finite number in range.
 
   Args:
     name: the argument's name, as the user wrote it.
-    value: a Python number, a concrete array, a tracer or a schedule. Only the
-      first two are checked.
+    value: a Python number, a concrete scalar array, a tracer (never inspected:
+      ``inject_hyperparams`` under ``jit``) or, with ``schedule``, a function
+      of the step (never called here).
     lower: smallest allowed value.
     upper: largest allowed value (inclusive).
     lower_open: whether ``lower`` itself is excluded.
+    schedule: whether a function of the step count is allowed.
   """
-  if not is_concrete(value):
+  if isinstance(value, jax.core.Tracer) or (schedule and callable(value)):
     return
+  kind = "a number or an Optax schedule" if schedule else "a number"
+  if isinstance(value, (str, bytes)) or not is_concrete(value):
+    shape = f" of shape {np.shape(value)}" if _has_shape(value) else ""
+    raise ValueError(f"{name} must be {kind}, got {value!r:.60} ({type(value).__name__}{shape}).")
   number = float(value)
-  if math.isnan(number):
-    raise ValueError(f"{name} must be a number, got {value!r}.")
+  if not math.isfinite(number):
+    raise ValueError(f"{name} must be a finite number, got {value!r}.")
   if lower is not None and (number < lower or (lower_open and number == lower)):
     interval = (
         f"({lower}, {upper if upper is not None else 'inf'}"
@@ -68,15 +76,25 @@ def check_scalar(
     raise ValueError(f"{name} must be at most {upper}, got {value!r}.")
 
 
+def _has_shape(value: Any) -> bool:
+  return hasattr(value, "shape") or isinstance(value, (list, tuple))
+
+
 def check_b1(value: Any) -> None:
   """The interpolation momentum must lie in (0, 1]: x is recovered as (y - (1-b1) z) / b1."""
   check_scalar("b1", value, lower=0.0, upper=1.0, lower_open=True)
 
 
 def check_nonnegative(**values: Any) -> None:
-  """Raises ValueError naming the first concrete negative value."""
+  """Raises ValueError naming the first value that is not a finite number >= 0."""
   for name, value in values.items():
     check_scalar(name, value, lower=0.0)
+
+
+# The averaging weights (k+1)**r * lr_max**weight_lr_power are tested (without
+# under- or overflow, c within a few float32 ulps) up to these powers over 1e8 steps.
+MAX_R = 10.0
+MAX_WEIGHT_LR_POWER = 16.0
 
 
 def check_decay(name: str, value: Any) -> None:
@@ -87,10 +105,14 @@ def check_decay(name: str, value: Any) -> None:
 
 
 def check_adaptive(**values: Any) -> None:
-  """Decays (``b2``, ``b3``) in [0, 1) and a nonnegative ``eps`` of an adaptive z-step."""
+  """Decays (``b2``, ``b3``) in [0, 1) and a positive ``eps`` of an adaptive z-step.
+
+  eps divides: with eps = 0 a parameter whose gradients have all been 0 gets
+  0 / 0 = NaN.
+  """
   for name, value in values.items():
     if name == "eps":
-      check_nonnegative(eps=value)
+      check_scalar("eps", value, lower=0.0, lower_open=True)
     else:
       check_decay(name, value)
 
@@ -106,9 +128,8 @@ def check_base_optimizer(base_optimizer: Any) -> None:
 
 
 def check_learning_rate(learning_rate: Any) -> None:
-  """A number (not a schedule) must be a nonnegative learning rate."""
-  if not callable(learning_rate):
-    check_nonnegative(learning_rate=learning_rate)
+  """A finite number >= 0, or an Optax schedule."""
+  check_scalar("learning_rate", learning_rate, lower=0.0, schedule=True)
 
 
 def check_weight_decay_at(weight_decay_at: Any) -> None:
@@ -120,9 +141,9 @@ def check_settings(settings: Any) -> None:
   """Validates the settings every optimizer of the family shares (``_schedule_free.Settings``)."""
   check_learning_rate(settings.learning_rate)
   check_b1(settings.b1)
-  check_nonnegative(
-      weight_decay=settings.weight_decay, r=settings.r, weight_lr_power=settings.weight_lr_power
-  )
+  check_nonnegative(weight_decay=settings.weight_decay)
+  check_scalar("r", settings.r, lower=0.0, upper=MAX_R)
+  check_scalar("weight_lr_power", settings.weight_lr_power, lower=0.0, upper=MAX_WEIGHT_LR_POWER)
   check_warmup_steps(settings.warmup_steps)
   check_weight_decay_at(settings.weight_decay_at)
 
@@ -137,6 +158,30 @@ def check_update_inputs(updates: Any, z: Any, params: Any) -> None:
   for name, tree in (("grads", updates), ("params", params)):
     check_same_structure(name, tree, "state.z", z)
     check_same_shapes(name, tree, "state.z", z)
+  check_parameter_dtypes(params)
+
+
+def check_parameter_dtypes(params: Any) -> None:
+  """Raises TypeError naming the first parameter that is not real floating point.
+
+  Integer params would truncate every step to 0 while z moves; complex params
+  are not supported (the averaging and the adaptive directions are real).
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = np.dtype(jnp.result_type(leaf))
+    if jnp.issubdtype(dtype, jnp.floating):
+      continue
+    where = f"parameter {parameter_path_name(path)} has dtype {dtype}"
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      raise TypeError(
+          f"{where}: Schedule-Free optimizers of sf_optax take real floating-point params;"
+          " store a complex parameter as its real and imaginary parts."
+      )
+    raise TypeError(
+        f"{where}: Schedule-Free optimizers move params by fractional steps, which an"
+        " integer or boolean parameter would truncate to 0. Cast it to a floating dtype,"
+        " or leave it out of the optimizer (optax.masked / optax.partition)."
+    )
 
 
 def check_step_count(name: str, value: Any) -> None:
@@ -149,9 +194,9 @@ def check_step_count(name: str, value: Any) -> None:
 
 
 def check_warmup_steps(warmup_steps: Any) -> None:
+  check_scalar("warmup_steps", warmup_steps, lower=0.0)
   if not is_concrete(warmup_steps):
     return
-  check_scalar("warmup_steps", warmup_steps, lower=0.0)
   if float(warmup_steps) != int(float(warmup_steps)):
     raise ValueError(f"warmup_steps must be an integer, got {warmup_steps!r}.")
 

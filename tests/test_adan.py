@@ -302,7 +302,7 @@ def test_no_retrace_and_extra_args():
   assert len(traces) == 1
 
 
-@pytest.mark.parametrize("state_dtype", [None, jnp.float32], ids=["bf16_state", "f32_state"])
+@pytest.mark.parametrize("state_dtype", [jnp.bfloat16, None], ids=["bf16_state", "f32_state"])
 def test_dtypes_are_kept(state_dtype):
   params = {"w": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.zeros(3, jnp.float32)}
   tx = sf_optax.schedule_free_adan(0.01, state_dtype=state_dtype)
@@ -312,10 +312,11 @@ def test_dtypes_are_kept(state_dtype):
     updates, state = jax.jit(tx.update)(grads, state, params)
     params = optax.apply_updates(params, updates)
   assert jax.tree.map(lambda u: u.dtype, updates) == {"w": jnp.bfloat16, "b": jnp.float32}
-  expected_w = jnp.bfloat16 if state_dtype is None else jnp.float32
+  # No state_dtype: the params' dtype, never below float32; else state_dtype for all.
+  expected = jnp.float32 if state_dtype is None else state_dtype
   for buffer in (state.z, state.x, *state.base_state):
-    assert buffer["w"].dtype == expected_w
-    assert buffer["b"].dtype == jnp.float32
+    assert buffer["w"].dtype == expected
+    assert buffer["b"].dtype == expected
   assert state.weight_sum.dtype == jnp.float32
 
 

@@ -37,7 +37,7 @@ def invalid_hyperparameters(optimizer):
   ]
   cases.append(("warmup_steps", -1))
   if is_adaptive(optimizer):
-    cases += [("eps", -1e-8), ("b2", -0.1), ("b2", 1.0), ("b2", 1.5)]
+    cases += [("eps", -1e-8), ("eps", 0.0), ("b2", -0.1), ("b2", 1.0), ("b2", 1.5)]
   return cases
 
 
@@ -59,7 +59,7 @@ def test_boundary_values_are_valid(optimizer):
   kwargs = dict(learning_rate=0.0, b1=1.0, weight_decay=0.0, weight_lr_power=0.0)
   kwargs["warmup_steps"] = 0
   if is_adaptive(optimizer):
-    kwargs.update(b2=0.0, eps=0.0)
+    kwargs.update(b2=0.0, eps=1e-30)  # eps divides: 0 is refused
   optimizer.factory(**kwargs)
 
 

@@ -240,11 +240,12 @@ def test_bf16_params_with_float32_state_follow_a_float32_run(optimizer):
 
 
 def test_bf16_bound_fails_with_a_bf16_state():
-  # The same comparison, the state kept in bf16 (state_dtype=None): small
+  # The same comparison, the state kept in bf16 (state_dtype=jnp.bfloat16): small
   # updates of z and x are lost to rounding, and the bound above catches it.
   tx_f32 = sf_optax.schedule_free_sgd(0.05)
   deviation, y_max, _, state = jax.jit(
-      lambda: x_deviation(sf_optax.schedule_free_sgd(0.05), jnp.bfloat16, tx_f32)
+      lambda: x_deviation(
+          sf_optax.schedule_free_sgd(0.05, state_dtype=jnp.bfloat16), jnp.bfloat16, tx_f32)
   )()
   assert state.x.dtype == jnp.bfloat16
   assert float(deviation) > 5 * bf16_rounding(float(y_max))
@@ -256,11 +257,14 @@ def test_bf16_bound_fails_with_a_bf16_state():
     ids=lambda f: f.__name__,
 )
 def test_adaptive_steps_with_a_bf16_state_stay_bounded(factory):
-  # With bf16 params and no state_dtype the second moment v is bf16; it must
+  # With bf16 params and state_dtype=bf16 the second moment v is bf16; it must
   # still be an average of g^2 (bf16 rounds b2 = 0.999 to 1: arithmetic must be
   # float32 or wider) (as optax.adam's and the reference's are), so a
   # step of an adaptive method stays about lr in size.
-  tx = factory(1e-2, silent_sgd_phase=False) if factory is sf_optax.schedule_free_radam else factory(1e-2)
+  kwargs = dict(state_dtype=jnp.bfloat16)
+  if factory is sf_optax.schedule_free_radam:
+    kwargs["silent_sgd_phase"] = False
+  tx = factory(1e-2, **kwargs)
   params = jnp.ones(3, jnp.bfloat16)
   state = tx.init(params)
   for _ in range(6):

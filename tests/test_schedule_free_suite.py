@@ -388,7 +388,8 @@ def test_updates_keep_the_params_dtype(optimizer, store_x, dtype, state_dtype):
       lambda g, s, p: tx.update(g, s, p, value=loss(p)), params, state, params)
   assert jax.tree.map(lambda u: u.dtype, updates) == jax.tree.map(lambda p: p.dtype, params)
   assert avals(new_state) == avals(state)
-  z_dtype = dtype if state_dtype is None else state_dtype
+  # No state_dtype: the params' dtype, but never below float32.
+  z_dtype = jnp.float32 if state_dtype is None else state_dtype
   assert {leaf.dtype for leaf in jax.tree.leaves(state.z)} == {jnp.dtype(z_dtype)}
   x = jax.eval_shape(sf_optax.eval_params, new_state, params)
   assert jax.tree.map(lambda leaf: leaf.dtype, x) == jax.tree.map(lambda p: p.dtype, params)

@@ -197,6 +197,7 @@ class Entry(NamedTuple):
   make: Callable[[Any, Any], optax.GradientTransformation]  # (state_dtype, infshapes) -> tx
   reference: Optional[str] = None  # label of the entry its time is compared with
   note: str = ""
+  needs_value: bool = False  # its update takes the loss as the extra argument `value`
 
 
 def label(entry: Entry) -> str:
@@ -216,6 +217,13 @@ def builtin_entries() -> list[Entry]:
               lambda sd, _, s=store_x: sf_optax.schedule_free_adamw(
                   LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd),
               "optax.adamw"),
+        # ScheduleFree+: Adam's m and v, and before the per-leaf pass one
+        # reduction pass over g, z and x (or y) for its global L1 norm and
+        # inner product.
+        Entry("sf_optax.schedule_free_plus", "sf_optax", store_x,
+              lambda sd, _, s=store_x: sf_optax.schedule_free_plus(
+                  weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd),
+              f"sf_optax.schedule_free_adamw store_x={store_x}", needs_value=True),
         Entry("sf_optax.schedule_free_radam", "sf_optax", store_x,
               lambda sd, _, s=store_x: sf_optax.schedule_free_radam(
                   LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd),
@@ -395,7 +403,8 @@ class Prepared:
     tx = entry.make(state_dtype, infshapes)
     self.params = jax.tree.map(jnp.copy, params)
     self.state = jax.jit(tx.init)(self.params)
-    step = jax.jit(program.training_step(tx), donate_argnums=(0, 1))
+    extra_args = {"value": jnp.ones([], jnp.float32)} if entry.needs_value else {}
+    step = jax.jit(program.training_step(tx, **extra_args), donate_argnums=(0, 1))
     start = time.perf_counter()
     lowered = step.lower(self.params, self.state, grads)
     self.lower_s = time.perf_counter() - start

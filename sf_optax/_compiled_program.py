@@ -35,11 +35,14 @@ import optax
 EXACT_COUNTS_JAXLIB = ((0, 10),)
 
 
-def training_step(tx: optax.GradientTransformation):
-  """``(params, state, grads) -> (params, state)``: update and apply, as a training loop runs it."""
+def training_step(tx: optax.GradientTransformation, **extra_args: Any):
+  """``(params, state, grads) -> (params, state)``: update and apply, as a training loop runs it.
+
+  ``extra_args`` (e.g. ScheduleFree+'s loss ``value``) are passed to every update.
+  """
 
   def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params, **extra_args)
     return optax.apply_updates(params, updates), state
 
   return step

@@ -18,6 +18,12 @@ y' - y = c (z' - y) + (1 - c) (1 - b1) (z' - z). Per leaf and per step this is a
 single elementwise pass: it reads g, y, z (and x), writes z (and x) and the
 update y' - y. The scalars of a step (lr, c, b1) come from ``_averaging``; the
 z-steps from ``_z_steps``.
+
+A z-step may change those scalars (ScheduleFree+ does, see ``ZStep``): a step
+size computed from the gradient, the iterates and the loss (``value``), which
+then replaces lr, with global sums over the leaves, so one reduction pass
+precedes the per-leaf pass; a decay lr**2 * d' * w (d' with s squared); a b1
+per step; c = 1 for the first steps.
 """
 
 from __future__ import annotations

@@ -32,11 +32,13 @@ steps fused with ``lax.scan``.
 
 Usage::
 
-  python examples/mutransfer.py            # defaults: both models, Adam, 5 seeds
+  python examples/mutransfer.py --models mlp          # the MLP, narrow and wide base, 5 seeds
+  python examples/mutransfer.py            # both models, Adam, 5 seeds (the Transformer dominates)
   python examples/mutransfer.py --optimizer schedule_free --models transformer
   python examples/mutransfer.py --help
 
-Writes ``mutransfer.png`` and ``mutransfer.json`` under ``--out``.
+Writes ``mutransfer.png`` and ``mutransfer.json`` under ``--out``
+(``mutransfer_mlp.*`` or ``mutransfer_transformer.*`` for one model).
 """
 
 from __future__ import annotations
@@ -193,6 +195,8 @@ def summarize(losses: np.ndarray, lrs: list[float], widths: list[int]):
       best_log2_lr={w: float(log2[i]) for w, i in zip(widths, best)},
       best_lr={w: float(lrs[i]) for w, i in zip(widths, best)},
       best_loss={w: float(mean[k, i]) for k, (w, i) in enumerate(zip(widths, best))},
+      best_loss_std={w: float(losses[k, i].std(ddof=1)) if losses.shape[-1] > 1 else 0.0
+                     for k, (w, i) in enumerate(zip(widths, best))},
       optimum_shift_in_grid_steps=int(best.max() - best.min()),
       optimum_drift_smallest_to_largest=int(best[-1] - best[0]),
       best_loss_improves_with_width=bool(np.all(np.diff([mean[k, i] for k, i in enumerate(best)]) < 0)),
@@ -306,14 +310,16 @@ def main(argv=None):
   results["seconds"] = elapsed()
   results["cpu_seconds"] = cpu()
   os.makedirs(args.out, exist_ok=True)
-  _common.write_json(os.path.join(args.out, "mutransfer.json"), results)
-  plot(results, args.out)
-  print(f"\nwrote {args.out}/mutransfer.png, mutransfer.json")
+  # Both models: mutransfer.*; one: mutransfer_mlp.* or mutransfer_transformer.*
+  stem = "mutransfer" if set(names) == set(tasks) else "mutransfer_" + "_".join(names)
+  _common.write_json(os.path.join(args.out, f"{stem}.json"), results)
+  plot(results, args.out, stem)
+  print(f"\nwrote {args.out}/{stem}.png, {stem}.json")
   print(_common.elapsed_line(elapsed, cpu, record))
   return results
 
 
-def plot(results, out):
+def plot(results, out, stem="mutransfer"):
   plt = _common.pyplot()
   models = results["models"]
   ncols = max(len([p for p in ("sp", "mup", "mup_wide_base") if p in e]) + ("at_fixed_lr" in e)
@@ -367,7 +373,7 @@ def plot(results, out):
     for ax in row[used:]:
       ax.axis("off")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "mutransfer.png"), dpi=100)
+  fig.savefig(os.path.join(out, f"{stem}.png"), dpi=100)
   plt.close(fig)
 
 

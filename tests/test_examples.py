@@ -78,7 +78,7 @@ def test_char_lm(tmp_path, capsys):
 
 def test_mutransfer(tmp_path):
   out, results = _run(
-      "mutransfer", tmp_path, "--mlp-widths", "8,16", "--mlp-log2-lrs=-8,-6",
+      "mutransfer", tmp_path, "--mlp-widths", "8,16", "--mlp-log2-lrs=-8,-6", "--fixed-log2-lr=-8",
       "--mlp-steps", "3", "--transformer-widths", "8,16", "--transformer-log2-lrs=-8,-6",
       "--transformer-steps", "3", "--seq-len", "8", "--heads", "2", "--corpus-chars", "20000",
       "--warmup", "2")
@@ -94,9 +94,12 @@ def test_mutransfer_at_base_width_sp_equals_mup(tmp_path):
   # The MLPs coincide at the base width: same init, same optimizer.
   _, results = _run(
       "mutransfer", tmp_path, "--models", "mlp", "--mlp-widths", "8,16",
-      "--mlp-log2-lrs=-6", "--mlp-steps", "3", "--warmup", "2")
+      "--mlp-log2-lrs=-6", "--fixed-log2-lr=-6", "--mlp-steps", "3", "--warmup", "2")
   entry = results["models"]["mlp"]
   assert entry["sp"]["losses"][0, 0] == pytest.approx(entry["mup"]["losses"][0, 0], rel=1e-5)
+  # With the widest model as the base, μP equals SP at the widest width instead.
+  assert entry["sp"]["losses"][1, 0] == pytest.approx(entry["mup_wide_base"]["losses"][1, 0], rel=1e-5)
+  assert entry["mup_wide_base"]["base_width"] == 16
 
 
 def test_coord_check(tmp_path):

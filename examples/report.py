@@ -98,6 +98,22 @@ def main(argv=None):
           f" optax {env.get('optax')}; {results.get('seconds', float('nan')):.0f} s wall,"
           f" {results.get('cpu_seconds', float('nan')):.0f} s CPU\n")
 
+  print(timing_table(folder))
+
+
+def timing_table(folder: pathlib.Path) -> str:
+  """Command, wall time, CPU time and load of every JSON that recorded its command."""
+  lines = ["| command | wall | CPU | load average at the start |", "|---|---|---|---|"]
+  for path in sorted(folder.glob("*.json")):
+    results = json.loads(path.read_text())
+    if "command" not in results:
+      continue
+    wall, cpu = results.get("seconds"), results.get("cpu_seconds")
+    load = results["environment"].get("load_average_1min_at_start")
+    lines.append(f"| `{results['command']}` | {wall:.0f} s | "
+                 + (f"{cpu:.0f} s" if cpu is not None else "–") + f" | {load:.1f} |")
+  return "\n".join(lines)
+
 
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

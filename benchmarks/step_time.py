@@ -1,27 +1,40 @@
-"""Step time and memory of sf_optax against its peers, and the distance to the bandwidth floor.
+"""Step time, memory and compile time of sf_optax against its peers, on every path a user takes.
 
-One command, one process, one run::
+One command, one process (plus one subprocess per compile-time measurement), one run::
 
-    python benchmarks/step_time.py                 # 1M and 16M params, float32 and bf16
-    python benchmarks/step_time.py --full          # adds 64M
-    python benchmarks/step_time.py --sizes 64K --repeats 5 --dtype float32   # a smoke test
+    python benchmarks/step_time.py            # every suite at its default sizes
+    python benchmarks/step_time.py --quick    # every suite at small sizes: a few minutes
+    python benchmarks/step_time.py --full     # adds 64M params to the built-ins suite
+    python benchmarks/step_time.py --suites wrapper --wrapper-size 4M   # one suite
+
+Suites (``--suites``, default all):
+
+* ``builtins``: the built-in optimizers (SGD, AdamW, RAdam, each with store_x
+  False and True) against ``optax.sgd(momentum)``, ``optax.adamw`` and
+  ``optax.contrib``'s Schedule-Free, on one array and a 100-leaf GPT-shaped tree,
+  float32 and bf16 params with float32 state (``--sizes``).
+* ``wrapper``: ``sf_optax.schedule_free(base)`` around elementwise Optax bases
+  (sgd with and without momentum, adam and adamw without decay, lion, rmsprop,
+  adabelief, ``mup_flax.mu_adam``/``mu_sgd``, a chain), each next to the
+  built-in that computes the same thing where one exists (``--wrapper-size``).
+* ``mup``: the two μP compositions, ``schedule_free(mup_flax.mu_adam(b1=0))``
+  and ``schedule_free_adamw(**mup_flax.schedule_free_scales(infshapes))`` (the
+  same math), against ``optax.adamw`` on a GPT-like tree of 148 leaves
+  (``--mup-size``), float32 and bf16 params with float32 state.
+* ``compile``: lowering and compile time and the compiler's peak memory against
+  the number of leaves (``--compile-leaves``), each measured in a fresh
+  subprocess, ``optax.adamw`` against SF-AdamW on the same tree.
 
 What is timed is the jitted training update ``tx.update`` + ``optax.apply_updates``
 with params and state donated (``jax.jit(step, donate_argnums=(0, 1))``), the
-way a training loop runs it. An optimizer step is a few elementwise passes over
-the parameters, so its cost is the bytes it moves: every entry is compared with
-its floor, the bytes it must read and write by construction (the gradient, the
-params and every params-sized state buffer are read once; the params and every
-params-sized state buffer are written once) divided by the copy bandwidth
-measured in the same run. XLA's own compiled program is parsed as well: the
-kernels (fusions and copies) that touch params-sized buffers, the bytes they
-actually move, and the temporaries the compiled program allocates.
-
-The entries of one configuration (size, tree shape, dtype) are timed
-round-robin: round r runs every entry once, so drift and noise from other
-processes fall on all entries alike, and no entry keeps its buffers in the
-cache between its own steps (a training step's forward and backward passes
-would evict them too).
+way a training loop runs it. The entries of one configuration (and a copy
+bandwidth probe) are timed round-robin: round r runs every entry once, so
+drift and noise from other processes fall on all entries alike. Every table
+reports medians with the interquartile range and the machine's load average
+(``os.getloadavg``) at the start and end of the configuration. What XLA
+compiled is read with ``sf_optax._compiled_program`` (the reading the guard
+``tests/test_compiled_update.py`` uses): ``bytes accessed`` over the bytes by
+construction, temporaries, peak bytes of one call.
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/<platform>_<date>``).
 """
@@ -38,9 +51,10 @@ import pathlib
 import platform
 import re
 import resource
+import subprocess
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +62,16 @@ import jaxlib
 import numpy as np
 import optax
 
+import mup_flax
 import sf_optax
+from sf_optax import _compiled_program as program
 
 MiB = float(1 << 20)
 PAGE = resource.getpagesize()
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
 DTYPES = {"float32": (jnp.float32, None), "bf16": (jnp.bfloat16, jnp.float32)}
+SUITES = ("builtins", "wrapper", "mup", "compile")
 
 
 # --------------------------------------------------------------------------- params
@@ -83,17 +100,7 @@ def array_shapes(n: int) -> dict[str, tuple[int, ...]]:
   return {"w": (n,)}
 
 
-def transformer_shapes(n: int, layers: int = 8, seq: int = 128) -> dict[str, Any]:
-  """A GPT-shaped tree of 100 leaves with about n parameters.
-
-  Token and position embeddings, ``layers`` blocks of 12 leaves (two layer norms,
-  fused qkv, attention output, two MLP matrices with 4x width, their biases) and a
-  final layer norm. The width d takes about 3/4 of the parameters in the blocks,
-  the vocabulary the rest.
-  """
-  d = max(32, int(round(math.sqrt(0.75 * n / (12 * layers)) / 32)) * 32)
-  block = 12 * d * d + 13 * d
-  vocab = max(32, int(round((n - layers * block - (seq + 2) * d) / d)))
+def _gpt(d: int, vocab: int, layers: int, seq: int) -> dict[str, Any]:
   tree: dict[str, Any] = {"embed": (vocab, d), "pos_embed": (seq, d)}
   for i in range(layers):
     tree[f"block_{i:02d}"] = {
@@ -112,11 +119,57 @@ def transformer_shapes(n: int, layers: int = 8, seq: int = 128) -> dict[str, Any
   return tree
 
 
-SHAPES = {"array": array_shapes, "tree": transformer_shapes}
+def _gpt_dims(n: int, layers: int, seq: int) -> tuple[int, int]:
+  """Width d (a multiple of 32) and vocabulary of a GPT tree of about n parameters."""
+  d = max(32, int(round(math.sqrt(0.75 * n / (12 * layers)) / 32)) * 32)
+  block = 12 * d * d + 13 * d
+  vocab = max(32, int(round((n - layers * block - (seq + 2) * d) / d)))
+  return d, vocab
+
+
+def transformer_shapes(n: int, layers: int = 8, seq: int = 128) -> dict[str, Any]:
+  """A GPT-shaped tree of 12 * layers + 4 leaves (100 for 8 layers) with about n parameters.
+
+  Token and position embeddings, ``layers`` blocks of 12 leaves (two layer norms,
+  fused qkv, attention output, two MLP matrices with 4x width, their biases) and a
+  final layer norm. The width d takes about 3/4 of the parameters in the blocks,
+  the vocabulary the rest.
+  """
+  return _gpt(*_gpt_dims(n, layers, seq), layers, seq)
+
+
+def gpt_shapes(n: int) -> dict[str, Any]:
+  """The many-leaf GPT-like tree of the μP suite: 12 layers, 148 leaves."""
+  return transformer_shapes(n, layers=12)
 
 
 def _is_shape(node: Any) -> bool:
   return isinstance(node, tuple) and all(isinstance(i, int) for i in node)
+
+
+def infshapes_of(shape_name: str, n: int) -> Any:
+  """μP InfShapes for a tree of ``SHAPES[shape_name](n)``: base width a quarter of the width.
+
+  A dim is infinite where the tree at width d and the tree at width d / 4
+  differ (the model's width, 3d and 4d); vocabulary and sequence are finite.
+  """
+  if shape_name == "array":
+    shapes = array_shapes(n)
+    target = shapes["w"]
+    base = tuple(max(1, s // 4) for s in target)
+  else:
+    layers = 12 if shape_name == "gpt" else 8
+    d, vocab = _gpt_dims(n, layers, 128)
+    shapes, base_tree = _gpt(d, vocab, layers, 128), _gpt(d // 4, vocab, layers, 128)
+  if shape_name == "array":
+    return {"w": mup_flax.InfShape([mup_flax.InfDim(b, t) for b, t in zip(base, target)])}
+  return jax.tree.map(
+      lambda t, b: mup_flax.InfShape(
+          [mup_flax.InfDim(bb if bb != tt else None, tt) for tt, bb in zip(t, b)]),
+      shapes, base_tree, is_leaf=_is_shape)
+
+
+SHAPES = {"array": array_shapes, "tree": transformer_shapes, "gpt": gpt_shapes}
 
 
 def make_tree(shapes: Any, dtype: Any, key: jax.Array, scale: float) -> Any:
@@ -127,12 +180,11 @@ def make_tree(shapes: Any, dtype: Any, key: jax.Array, scale: float) -> Any:
   )
 
 
-def tree_bytes(tree: Any, *, min_ndim: int = 0) -> int:
-  return sum(int(x.nbytes) for x in jax.tree.leaves(tree) if x.ndim >= min_ndim)
-
-
 def tree_size(tree: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+tree_bytes = program.tree_bytes
 
 
 # --------------------------------------------------------------------------- entries
@@ -141,52 +193,11 @@ def tree_size(tree: Any) -> int:
 class Entry(NamedTuple):
   name: str  # table label
   family: str  # "sf_optax" or "peer"
-  store_x: bool | None
-  buffers: str  # what one step reads and writes, by construction
-  make: Callable[[Any], optax.GradientTransformation]  # state_dtype (or None) -> tx
-
-
-def entries() -> list[Entry]:
-  result = []
-  for store_x in (False, True):
-    x = ", x" if store_x else ""
-    result += [
-        Entry(
-            "sf_optax.schedule_free_sgd", "sf_optax", store_x, f"r: g, y, z{x}; w: y, z{x}",
-            lambda sd, s=store_x: sf_optax.schedule_free_sgd(
-                LEARNING_RATE, store_x=s, state_dtype=sd)),
-        Entry(
-            "sf_optax.schedule_free_adamw", "sf_optax", store_x,
-            f"r: g, y, z{x}, v; w: y, z{x}, v",
-            lambda sd, s=store_x: sf_optax.schedule_free_adamw(
-                LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd)),
-        Entry(
-            "sf_optax.schedule_free_radam", "sf_optax", store_x,
-            f"r: g, y, z{x}, v; w: y, z{x}, v",
-            lambda sd, s=store_x: sf_optax.schedule_free_radam(
-                LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd)),
-        Entry(
-            "sf_optax.schedule_free(optax.adam(b1=0))", "sf_optax", store_x,
-            f"r: g, y, z{x}, m, v; w: y, z{x}, m, v",
-            lambda sd, s=store_x: sf_optax.schedule_free(
-                optax.adam(LEARNING_RATE, b1=0.0), LEARNING_RATE, store_x=s, state_dtype=sd)),
-    ]
-  result += [
-      Entry(
-          "optax.sgd(momentum=0.9)", "peer", None, "r: g, y, m; w: y, m",
-          lambda sd: optax.sgd(LEARNING_RATE, momentum=0.9, accumulator_dtype=sd)),
-      Entry(
-          "optax.adamw", "peer", None, "r: g, y, m, v; w: y, m, v",
-          lambda sd: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype=sd)),
-      Entry(
-          "optax.contrib.schedule_free_sgd", "peer", None, "r: g, y, z; w: y, z",
-          lambda sd: optax.contrib.schedule_free_sgd(LEARNING_RATE, state_dtype=sd)),
-      Entry(
-          "optax.contrib.schedule_free_adamw", "peer", None, "r: g, y, z, v; w: y, z, v",
-          lambda sd: optax.contrib.schedule_free_adamw(
-              LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_dtype=sd)),
-  ]
-  return result
+  store_x: Optional[bool]
+  make: Callable[[Any, Any], optax.GradientTransformation]  # (state_dtype, infshapes) -> tx
+  reference: Optional[str] = None  # label of the entry its time is compared with
+  note: str = ""
+  needs_value: bool = False  # its update takes the loss as the extra argument `value`
 
 
 def label(entry: Entry) -> str:
@@ -195,55 +206,140 @@ def label(entry: Entry) -> str:
   return f"{entry.name} store_x={entry.store_x}"
 
 
-# --------------------------------------------------------------------------- HLO
-
-
-_ITEM_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4,
-               "u32": 4, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-_ARRAY = re.compile(r"\b(f64|f32|bf16|f16|s64|u64|s32|u32|s16|u16|s8|u8|pred)\[([0-9,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
-_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
-
-
-def _arrays(type_text: str) -> list[tuple[int, int]]:
-  """(elements, bytes) of every array in an HLO type (tuples included)."""
+def builtin_entries() -> list[Entry]:
   result = []
-  for dtype, dims in _ARRAY.findall(type_text):
-    size = math.prod(int(d) for d in dims.split(",") if d)
-    result.append((size, size * _ITEM_BYTES[dtype]))
+  for store_x in (False, True):
+    result += [
+        Entry("sf_optax.schedule_free_sgd", "sf_optax", store_x,
+              lambda sd, _, s=store_x: sf_optax.schedule_free_sgd(
+                  LEARNING_RATE, store_x=s, state_dtype=sd), "optax.sgd(momentum=0.9)"),
+        Entry("sf_optax.schedule_free_adamw", "sf_optax", store_x,
+              lambda sd, _, s=store_x: sf_optax.schedule_free_adamw(
+                  LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd),
+              "optax.adamw"),
+        # ScheduleFree+: Adam's m and v, and before the per-leaf pass one
+        # reduction pass over g, z and x (or y) for its global L1 norm and
+        # inner product.
+        Entry("sf_optax.schedule_free_plus", "sf_optax", store_x,
+              lambda sd, _, s=store_x: sf_optax.schedule_free_plus(
+                  weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd),
+              f"sf_optax.schedule_free_adamw store_x={store_x}", needs_value=True),
+        Entry("sf_optax.schedule_free_radam", "sf_optax", store_x,
+              lambda sd, _, s=store_x: sf_optax.schedule_free_radam(
+                  LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=s, state_dtype=sd),
+              "optax.adamw"),
+    ]
+  result += [
+      Entry("optax.sgd(momentum=0.9)", "peer", None,
+            lambda sd, _: optax.sgd(LEARNING_RATE, momentum=0.9, accumulator_dtype=sd)),
+      Entry("optax.adamw", "peer", None,
+            lambda sd, _: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype=sd)),
+      Entry("optax.contrib.schedule_free_sgd", "peer", None,
+            lambda sd, _: optax.contrib.schedule_free_sgd(LEARNING_RATE, state_dtype=sd),
+            "sf_optax.schedule_free_sgd store_x=False"),
+      Entry("optax.contrib.schedule_free_adamw", "peer", None,
+            lambda sd, _: optax.contrib.schedule_free_adamw(
+                LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_dtype=sd),
+            "sf_optax.schedule_free_adamw store_x=False"),
+  ]
   return result
 
 
-def hlo_kernels(hlo_text: str) -> list[dict[str, Any]]:
-  """The ENTRY instructions of a compiled module that read or write non-scalar buffers.
+# The wrapper suite: (label, base factory, built-in computing the same thing or None).
+# Built-ins: SF-SGD is schedule_free(sgd); SF-AdamW without decay is
+# schedule_free(adam(b1=0)) (Adam without momentum, bias-corrected v); with μP
+# per-parameter learning rates both take mup_flax.schedule_free_scales.
+def _wrapped_bases() -> list[tuple[str, Callable[[Any, Any], Any], Optional[str], str]]:
+  """(label, base factory, built-in computing the same thing or None, note)."""
+  lr = LEARNING_RATE
+  own_copy = "step shared: reads the old m (optax.lion alone copies m on XLA:CPU too)"
+  return [
+      ("optax.sgd", lambda sd, _: optax.sgd(lr), "sgd", ""),
+      ("optax.sgd(momentum=0.9)",
+       lambda sd, _: optax.sgd(lr, momentum=0.9, accumulator_dtype=sd), None, "no built-in"),
+      ("optax.adam(b1=0)", lambda sd, _: optax.adam(lr, b1=0.0, mu_dtype=sd), "adamw", ""),
+      ("optax.adamw(b1=0, weight_decay=0)",
+       lambda sd, _: optax.adamw(lr, b1=0.0, weight_decay=0.0, mu_dtype=sd), "adamw", ""),
+      ("optax.chain(scale_by_adam(b1=0), scale_by_learning_rate)",
+       lambda sd, _: optax.chain(optax.scale_by_adam(b1=0.0, mu_dtype=sd),
+                                 optax.scale_by_learning_rate(lr)), "adamw", ""),
+      ("optax.lion(weight_decay=0)",
+       lambda sd, _: optax.lion(lr, weight_decay=0.0, mu_dtype=sd), None, own_copy),
+      ("optax.rmsprop", lambda sd, _: optax.rmsprop(lr), None, "no built-in"),
+      ("optax.adabelief(b1=0)", lambda sd, _: optax.adabelief(lr, b1=0.0), None,
+       "no built-in; optax.adabelief alone copies m on XLA:CPU"),
+      ("mup_flax.mu_adam(b1=0)",
+       lambda sd, inf: mup_flax.mu_adam(lr, inf, b1=0.0, mu_dtype=sd), "mu_adamw", ""),
+      ("mup_flax.mu_sgd", lambda sd, inf: mup_flax.mu_sgd(lr, inf), "mu_sgd", ""),
+      ("optax.chain(scale_by_adam(b1=0), add_decayed_weights(1e-4), scale_by_learning_rate)",
+       lambda sd, _: optax.chain(optax.scale_by_adam(b1=0.0, mu_dtype=sd),
+                                 optax.add_decayed_weights(WEIGHT_DECAY),
+                                 optax.scale_by_learning_rate(lr)), None,
+       "step shared: reads the params (use the wrapper's weight_decay instead)"),
+  ]
 
-  In an optimizer update every non-scalar buffer has the shape of a parameter
-  leaf. Each entry: name, opcode, bytes read (non-scalar operands) and written
-  (non-scalar outputs). Fusions are opaque here, so this is the traffic between
-  kernels, which is what memory bandwidth pays for.
-  """
-  start = hlo_text.index("\nENTRY")
-  body = hlo_text[hlo_text.index("{", start) + 1: hlo_text.index("\n}", start)]
-  shapes, instructions = {}, []
-  for line in body.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, type_text, opcode, rest = match.groups()
-    shapes[name] = _arrays(type_text)
-    operands = [] if opcode == "parameter" else re.findall(r"%([\w.\-]+)", rest.split("),")[0])
-    instructions.append((name, opcode, operands))
-  kernels = []
-  for name, opcode, operands in instructions:
-    if opcode in _NO_TRAFFIC:
-      continue
-    written = sum(b for n, b in shapes[name] if n > 1)
-    big = [o for o in operands if any(n > 1 for n, _ in shapes.get(o, []))]
-    read = sum(b for o in big for n, b in shapes[o] if n > 1)
-    if read or written:
-      kernels.append({"name": name, "opcode": opcode, "read": read, "written": written,
-                      "operands": big})
-  return kernels
+
+def _builtin(kind: str, store_x: bool) -> Entry:
+  lr = LEARNING_RATE
+  makers = {
+      "sgd": ("sf_optax.schedule_free_sgd",
+              lambda sd, _: sf_optax.schedule_free_sgd(lr, store_x=store_x, state_dtype=sd)),
+      "adamw": ("sf_optax.schedule_free_adamw(weight_decay=0)",
+                lambda sd, _: sf_optax.schedule_free_adamw(
+                    lr, weight_decay=0.0, store_x=store_x, state_dtype=sd)),
+      "mu_adamw": ("sf_optax.schedule_free_adamw(**schedule_free_scales(infshapes))",
+                   lambda sd, inf: sf_optax.schedule_free_adamw(
+                       lr, weight_decay=0.0, store_x=store_x, state_dtype=sd,
+                       **mup_flax.schedule_free_scales(inf))),
+      "mu_sgd": ("sf_optax.schedule_free_sgd(**schedule_free_scales(infshapes, rule='sgd'))",
+                 lambda sd, inf: sf_optax.schedule_free_sgd(
+                     lr, store_x=store_x, state_dtype=sd,
+                     **mup_flax.schedule_free_scales(inf, rule="sgd"))),
+  }
+  name, make = makers[kind]
+  return Entry(name, "sf_optax", store_x, make)
+
+
+def wrapper_entries() -> list[Entry]:
+  result = []
+  for store_x in (False, True):
+    seen = set()
+    for base_label, base, kind, note in _wrapped_bases():
+      if kind is not None and kind not in seen:
+        seen.add(kind)
+        result.append(_builtin(kind, store_x))
+      reference = None if kind is None else label(_builtin(kind, store_x))
+      result.append(Entry(
+          f"sf_optax.schedule_free({base_label})", "sf_optax", store_x,
+          lambda sd, inf, b=base, s=store_x: sf_optax.schedule_free(
+              b(sd, inf), LEARNING_RATE, store_x=s, state_dtype=sd),
+          reference, note))
+  return result
+
+
+def mup_entries() -> list[Entry]:
+  result = [Entry("optax.adamw", "peer", None,
+                  lambda sd, _: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                                            mu_dtype=sd))]
+  for store_x in (False, True):
+    result += [
+        _builtin("mu_adamw", store_x)._replace(reference="optax.adamw"),
+        Entry("sf_optax.schedule_free(mup_flax.mu_adam(b1=0))", "sf_optax", store_x,
+              lambda sd, inf, s=store_x: sf_optax.schedule_free(
+                  mup_flax.mu_adam(LEARNING_RATE, inf, b1=0.0, mu_dtype=sd), LEARNING_RATE,
+                  store_x=s, state_dtype=sd), label(_builtin("mu_adamw", store_x))),
+    ]
+  return result
+
+
+# Compile suite: (label, factory of the transformation).
+COMPILE_ENTRIES = {
+    "optax.adamw": lambda: optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+    "sf_optax.schedule_free_adamw store_x=False": lambda: sf_optax.schedule_free_adamw(
+        LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=False),
+    "sf_optax.schedule_free_adamw store_x=True": lambda: sf_optax.schedule_free_adamw(
+        LEARNING_RATE, weight_decay=WEIGHT_DECAY, store_x=True),
+}
 
 
 # --------------------------------------------------------------------------- timing
@@ -302,35 +398,37 @@ def measure_bandwidth(n_bytes: int, repeats: int) -> dict[str, Any]:
 class Prepared:
   """An entry of one configuration: compiled step, its live params and state."""
 
-  def __init__(self, entry: Entry, params: Any, grads: Any, state_dtype: Any):
+  def __init__(self, entry: Entry, params: Any, grads: Any, state_dtype: Any, infshapes: Any):
     self.entry = entry
-    tx = entry.make(state_dtype)
+    tx = entry.make(state_dtype, infshapes)
     self.params = jax.tree.map(jnp.copy, params)
     self.state = jax.jit(tx.init)(self.params)
-
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
+    extra_args = {"value": jnp.ones([], jnp.float32)} if entry.needs_value else {}
+    step = jax.jit(program.training_step(tx, **extra_args), donate_argnums=(0, 1))
     start = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(self.params, self.state, grads)
+    lowered = step.lower(self.params, self.state, grads)
+    self.lower_s = time.perf_counter() - start
+    start = time.perf_counter()
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - start
     self.grads = grads
     self.times: list[float] = []
     self.faults: list[int] = []
-    params_bytes = tree_bytes(self.params)
-    big_state = tree_bytes(self.state, min_ndim=1)
-    self.state_bytes = tree_bytes(self.state)
-    self.read_bytes = tree_bytes(grads) + params_bytes + big_state
-    self.write_bytes = params_bytes + big_state
-    kernels = hlo_kernels(self.compiled.as_text())
     self.n_leaves = len(jax.tree.leaves(params))
-    self.hlo_kernels = len(kernels)
-    self.hlo_bytes = sum(k["read"] + k["written"] for k in kernels)
-    self.hlo_copies = sum(k["opcode"] == "copy" for k in kernels)
+    self.state_bytes = tree_bytes(self.state)
+    self.read_bytes, self.write_bytes = program.construction_bytes(self.params, self.state, grads)
+    self.bytes_accessed = program.bytes_accessed(self.compiled)
+    self.temp_bytes = program.temp_bytes(self.compiled)
     memory = self.compiled.memory_analysis()
-    self.temp_bytes = int(memory.temp_size_in_bytes) if memory is not None else None
+    # One call holds its arguments, its temporaries and the outputs that alias no argument.
+    self.peak_bytes = None if memory is None else int(
+        memory.argument_size_in_bytes + memory.temp_size_in_bytes
+        + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    try:
+      kernels = program.kernels(self.compiled.as_text())
+      self.kernels_per_leaf = len(kernels) / self.n_leaves
+    except ValueError:  # an HLO text this reader does not know
+      self.kernels_per_leaf = None
 
   def run(self, record: bool) -> None:
     faults, start = minor_faults(), time.perf_counter()
@@ -347,20 +445,19 @@ class Prepared:
     stats = summary(self.times)
     moved = self.read_bytes + self.write_bytes
     floor_s = moved / bandwidth["bytes_per_s"]
-    best_floor_s = moved / bandwidth["best_bytes_per_s"]
     return {
-        "optimizer": self.entry.name, "family": self.entry.family,
-        "store_x": self.entry.store_x, "buffers": self.entry.buffers, **stats,
+        "label": label(self.entry), "optimizer": self.entry.name,
+        "family": self.entry.family, "store_x": self.entry.store_x,
+        "reference": self.entry.reference, "note": self.entry.note, **stats,
         "state_bytes": self.state_bytes, "read_bytes": self.read_bytes,
         "write_bytes": self.write_bytes, "floor_ms": 1e3 * floor_s,
         "ratio_to_floor": stats["median_ms"] * 1e-3 / floor_s,
-        "best_floor_ms": 1e3 * best_floor_s,
-        "best_ratio_to_floor": stats["min_ms"] * 1e-3 / best_floor_s,
-        "compile_s": self.compile_s, "hlo_kernels": self.hlo_kernels,
-        "hlo_kernels_per_leaf": self.hlo_kernels / self.n_leaves,
-        "hlo_copies": self.hlo_copies, "hlo_bytes": self.hlo_bytes,
-        "hlo_bytes_over_floor": self.hlo_bytes / moved,
-        "temp_bytes": self.temp_bytes,
+        "lower_s": self.lower_s, "compile_s": self.compile_s,
+        "kernels_per_leaf": self.kernels_per_leaf,
+        "bytes_accessed": self.bytes_accessed,
+        "bytes_accessed_over_construction": (
+            None if self.bytes_accessed is None else self.bytes_accessed / moved),
+        "temp_bytes": self.temp_bytes, "peak_bytes": self.peak_bytes,
         "page_faults_per_step": float(np.median(self.faults)),
     }
 
@@ -376,7 +473,7 @@ def time_eval_params(prepared: list[Prepared], repeats: int,
     start = time.perf_counter()
     compiled = fn.lower(p.state, p.params).compile()
     compile_s = time.perf_counter() - start
-    kernels = hlo_kernels(compiled.as_text())
+    kernels = program.kernels(compiled.as_text())
     jitted, eager, faults = [], [], []
     for i in range(repeats + 2):
       before, start = minor_faults(), time.perf_counter()
@@ -406,21 +503,25 @@ def time_eval_params(prepared: list[Prepared], repeats: int,
         "store_x": p.entry.store_x, "buffers": buffers, "floor_bytes": floor,
         "floor_ms": 1e3 * floor / bandwidth["bytes_per_s"],
         "jit": summary(jitted), "eager": summary(eager), "compile_s": compile_s,
-        "hlo_kernels": len(kernels), "hlo_bytes": sum(k["read"] + k["written"] for k in kernels),
+        "hlo_kernels": len(kernels),
         "page_faults_per_call": float(np.median(faults)),
     })
   return results
 
 
-def run_config(size: int, shape: str, dtype_name: str, args, log) -> dict:
+def run_config(suite: str, entries: list[Entry], size: int, shape: str, dtype_name: str,
+               args, log) -> dict:
   dtype, state_dtype = DTYPES[dtype_name]
   shapes = SHAPES[shape](size)
+  infshapes = infshapes_of(shape, size)
   key = jax.random.PRNGKey(size)
   params = make_tree(shapes, dtype, key, 0.02)
   grads = make_tree(shapes, dtype, jax.random.fold_in(key, 1), 1e-3)
   n_params, n_leaves = tree_size(params), len(jax.tree.leaves(params))
-  log(f"\n## {size_label(n_params)} params, {shape} ({n_leaves} leaves), {dtype_name}")
-  selected = [e for e in entries() if re.search(args.only, label(e))]
+  load_start = os.getloadavg()[0]
+  log(f"\n## {suite}: {size_label(n_params)} params, {shape} ({n_leaves} leaves), {dtype_name},"
+      f" load {load_start:.1f}")
+  selected = [e for e in entries if re.search(args.only, label(e))]
   results, evals, bandwidths = [], [], []
   budget = int(args.max_resident_gib * (1 << 30))
   pending = list(selected)
@@ -432,8 +533,8 @@ def run_config(size: int, shape: str, dtype_name: str, args, log) -> dict:
     if carried is not None:
       batch, used, carried = [carried], carried.resident_bytes(), None
     while pending:
-      p = Prepared(pending.pop(0), params, grads, state_dtype)
-      log(f"  compiled {label(p.entry)} in {p.compile_s:.2f}s")
+      p = Prepared(pending.pop(0), params, grads, state_dtype, infshapes)
+      log(f"  compiled {label(p.entry)} in {p.lower_s:.2f}s + {p.compile_s:.2f}s")
       if batch and used + p.resident_bytes() > budget:
         carried = p
         break
@@ -452,14 +553,111 @@ def run_config(size: int, shape: str, dtype_name: str, args, log) -> dict:
     del probe, runners
     for p in batch:
       results.append(p.result(bandwidth))
-      log(f"  {label(p.entry):58s} {results[-1]['median_ms']:9.3f} ms"
+      log(f"  {label(p.entry):70s} {results[-1]['median_ms']:9.3f} ms"
           f"  x{results[-1]['ratio_to_floor']:.2f} floor")
-    evals += time_eval_params(batch, args.repeats, bandwidth)
+    if suite == "builtins":
+      evals += time_eval_params(batch, args.repeats, bandwidth)
     del batch
     gc.collect()
-  return {"params": n_params, "leaves": n_leaves, "shape": shape, "dtype": dtype_name,
-          "params_bytes": tree_bytes(params), "size_arg": size, "bandwidth": bandwidths,
-          "entries": results, "eval_params": evals}
+  by_label = {r["label"]: r for r in results}
+  for r in results:
+    ref = by_label.get(r["reference"]) if r["reference"] else None
+    r["time_over_reference"] = None if ref is None else r["median_ms"] / ref["median_ms"]
+    r["peak_over_reference"] = (
+        None if ref is None or not ref["peak_bytes"] else r["peak_bytes"] / ref["peak_bytes"])
+  return {"suite": suite, "params": n_params, "leaves": n_leaves, "shape": shape,
+          "dtype": dtype_name, "params_bytes": tree_bytes(params), "size_arg": size,
+          "load_start": load_start, "load_end": os.getloadavg()[0],
+          "bandwidth": bandwidths, "entries": results, "eval_params": evals}
+
+
+# --------------------------------------------------------------------------- compile time
+
+
+def compile_leaf_shapes(leaves: int) -> dict[str, tuple[int, int]]:
+  """``leaves`` float32 matrices of 64 x 32..38 (about 2,240 parameters each)."""
+  return {f"p{i:05d}": (64, 32 + i % 7) for i in range(leaves)}
+
+
+def _memory_status(field: str) -> int:
+  """A field of /proc/self/status in bytes (VmRSS: now; VmHWM: peak since the last reset)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise KeyError(field)
+
+
+def compile_child(name: str, leaves: int) -> dict[str, float]:
+  """In a fresh process: lower and compile one entry's step on abstract params."""
+  tx = COMPILE_ENTRIES[name]()
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
+                        compile_leaf_shapes(leaves), is_leaf=_is_shape)
+  state = jax.eval_shape(tx.init, params)
+  step = jax.jit(program.training_step(tx), donate_argnums=(0, 1))
+  gc.collect()
+  # Reset the peak RSS (Linux >= 4.0): the peak below is the lowering's and the compiler's.
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  rss = _memory_status("VmRSS")
+  start, cpu = time.perf_counter(), time.process_time()
+  lowered = step.lower(params, state, params)
+  lower_s, lower_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+  start, cpu = time.perf_counter(), time.process_time()
+  lowered.compile()
+  compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+  peak = _memory_status("VmHWM")
+  return {"lower_s": lower_s, "compile_s": compile_s, "lower_cpu_s": lower_cpu_s,
+          "compile_cpu_s": compile_cpu_s, "peak_rss_bytes": peak,
+          "rss_before_bytes": rss, "peak_growth_bytes": max(0, peak - rss)}
+
+
+def compile_suite(leaf_counts: list[int], repeats: int, log) -> dict[str, Any]:
+  """Lower/compile time and peak memory against leaf count, entries round-robin.
+
+  Every measurement runs in a fresh subprocess (no warm caches, and the
+  process's peak RSS is the compiler's); round r runs every entry once,
+  alternating the order. Counts above 1,000 leaves are measured once.
+  """
+  rows = []
+  for leaves in leaf_counts:
+    load_start = os.getloadavg()[0]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in COMPILE_ENTRIES}
+    names = list(COMPILE_ENTRIES)
+    for r in range(repeats if leaves <= 1000 else 1):
+      for name in (names if r % 2 == 0 else names[::-1]):
+        out = subprocess.run(
+            [sys.executable, __file__, "--compile-child", name, str(leaves)],
+            check=True, capture_output=True, text=True)
+        runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        log(f"  compile {leaves} leaves {name}: lower {runs[name][-1]['lower_s']:.2f}s"
+            f" compile {runs[name][-1]['compile_s']:.2f}s"
+            f" peak {runs[name][-1]['peak_rss_bytes'] / MiB:.0f} MiB")
+    row = {"leaves": leaves, "params": tree_size(jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), compile_leaf_shapes(leaves),
+        is_leaf=_is_shape)), "load_start": load_start, "load_end": os.getloadavg()[0],
+           "entries": {}}
+    for name, measured in runs.items():
+      total = [m["lower_s"] + m["compile_s"] for m in measured]
+      row["entries"][name] = {
+          "lower": summary([m["lower_s"] for m in measured]),
+          "compile": summary([m["compile_s"] for m in measured]),
+          "total": summary(total),
+          "total_cpu": summary([m["lower_cpu_s"] + m["compile_cpu_s"] for m in measured]),
+          "peak_rss_mib": float(np.median([m["peak_rss_bytes"] for m in measured])) / MiB,
+          "peak_growth_mib": float(np.median([m["peak_growth_bytes"] for m in measured])) / MiB,
+          "runs": measured,
+      }
+    ref = row["entries"]["optax.adamw"]
+    for name, e in row["entries"].items():
+      e["total_over_adamw"] = e["total"]["median_ms"] / ref["total"]["median_ms"]
+      e["cpu_over_adamw"] = e["total_cpu"]["median_ms"] / ref["total_cpu"]["median_ms"]
+      e["lower_over_adamw"] = e["lower"]["median_ms"] / ref["lower"]["median_ms"]
+      e["compile_over_adamw"] = e["compile"]["median_ms"] / ref["compile"]["median_ms"]
+      e["peak_over_adamw"] = e["peak_rss_mib"] / ref["peak_rss_mib"]
+      e["growth_over_adamw"] = e["peak_growth_mib"] / max(ref["peak_growth_mib"], 1e-9)
+    rows.append(row)
+  return {"repeats": repeats, "rows": rows}
 
 
 # --------------------------------------------------------------------------- report
@@ -473,7 +671,7 @@ def find(config: dict, name: str, store_x: bool | None = None) -> dict | None:
 
 
 def goals(config: dict) -> dict[str, Any]:
-  """The issue's goals as ratios of medians (None where an entry was not run)."""
+  """The built-ins suite's goals as ratios of medians (None where an entry was not run)."""
 
   def ratio(a, b):
     return None if a is None or b is None else a["median_ms"] / b["median_ms"]
@@ -492,17 +690,34 @@ def goals(config: dict) -> dict[str, Any]:
       out[f"sf_{tag} store_x: extra time / extra bytes"] = (
           (t["median_ms"] / f["median_ms"] - 1)
           / ((t["read_bytes"] + t["write_bytes"]) / (f["read_bytes"] + f["write_bytes"]) - 1))
-  peers = [r for r in config["entries"] if r["family"] == "peer"]
-  ours = [r for r in config["entries"] if r["family"] == "sf_optax"]
-  if ours:
-    out["worst sf_optax ratio to floor"] = max(r["ratio_to_floor"] for r in ours)
-  if peers:
-    out["best peer ratio to floor"] = min(r["ratio_to_floor"] for r in peers)
   return out
 
 
 def fmt(value: Any, spec: str = ".2f") -> str:
   return "–" if value is None else format(value, spec)
+
+
+def entry_table(config: dict) -> list[str]:
+  lines = ["| optimizer | store_x | ms [p25–p75] | × ref | state MiB | peak MiB (× ref) |"
+           " moves MiB | ×floor | bytes accessed / moves | kern/leaf | temp MiB | faults MiB |"
+           " lower + compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in config["entries"]:
+    temp = None if r["temp_bytes"] is None else r["temp_bytes"] / MiB
+    peak = None if r["peak_bytes"] is None else r["peak_bytes"] / MiB
+    ref = fmt(r["time_over_reference"]) if r["reference"] else ""
+    if r["note"]:
+      ref = f"{ref} ({r['note']})" if ref else r["note"]
+    peak_ref = f" ({fmt(r['peak_over_reference'])})" if r["peak_over_reference"] else ""
+    lines.append(
+        f"| {r['optimizer']} | {'' if r['store_x'] is None else r['store_x']} |"
+        f" {r['median_ms']:.3f} [{r['p25_ms']:.3f}–{r['p75_ms']:.3f}] | {ref} |"
+        f" {r['state_bytes'] / MiB:.1f} | {fmt(peak, '.0f')}{peak_ref} |"
+        f" {(r['read_bytes'] + r['write_bytes']) / MiB:.0f} | {r['ratio_to_floor']:.2f} |"
+        f" {fmt(r['bytes_accessed_over_construction'])} | {fmt(r['kernels_per_leaf'], '.0f')} |"
+        f" {fmt(temp, '.1f')} | {r['page_faults_per_step'] * PAGE / MiB:.1f} |"
+        f" {r['lower_s']:.2f} + {r['compile_s']:.2f} |")
+  return lines
 
 
 def markdown(report: dict) -> str:
@@ -512,72 +727,93 @@ def markdown(report: dict) -> str:
       f"# Optimizer step time: {m['device']} ({m['platform']}), {report['date']}",
       "",
       f"`{report['command']}`; jax {m['jax']}, jaxlib {m['jaxlib']}, optax {m['optax']},"
-      f" {m['cpu_count']} CPU cores, load average {m['load_start']:.1f} at the start and"
-      f" {report['load_end']:.1f} at the end. Copy bandwidth (a = a * s + 1 in place on"
+      f" python {m['python']}, {m['cpu']} with {m['cpu_count']} CPU cores,"
+      f" XLA_FLAGS={m['xla_flags'] or '(none)'}; load average {m['load_start']:.1f} at the start"
+      f" and {report['load_end']:.1f} at the end (each configuration below has its own);"
+      f" wall time {report['wall_s'] / 60:.1f} min. Copy bandwidth (a = a * s + 1 in place on"
       f" {bw['array_mib']:.0f} MiB, read + write): median {bw['start']['gbps']:.2f} GB/s at the"
-      f" start and {bw['end']['gbps']:.2f} at the end (best {bw['start']['best_gbps']:.2f} and"
-      f" {bw['end']['best_gbps']:.2f}); each configuration measures its own in the same"
-      f" rounds as its entries and uses it for its floors. {report['repeats']} timed steps"
-      f" per entry after {report['warmup']} warm-up rounds, entries of a configuration"
-      " round-robin.",
+      f" start and {bw['end']['gbps']:.2f} at the end. {report['repeats']} timed steps per entry"
+      f" after {report['warmup']} warm-up rounds, entries of a configuration round-robin.",
       "",
-      "Columns: **ms** median step time [p25–p75] and the fastest step; **state** MiB of"
-      " optimizer state; **moves** what one step must read (r) and write (w) by construction"
-      " and its MiB; **floor** those bytes over the configuration's median copy bandwidth;"
-      " **×floor** = median / floor (the JSON also has best_ratio_to_floor: fastest step over"
-      " the bytes at the best copy bandwidth); **kern/leaf** kernels touching params-sized buffers per leaf in XLA's"
-      " compiled program; **HLO/floor** the bytes those kernels move over the construction"
-      " bytes (the best this program can do is ×floor = HLO/floor); **temp** MiB of"
-      " temporaries XLA allocates; **faults** MiB of fresh pages the step touches (minor page"
-      " faults x page size, median): a params-sized temporary or output is a fresh allocation"
-      " that the kernel faults in page by page on every call; **compile** lower + compile, s.",
+      "Columns: **ms** median step time [p25–p75]; **× ref** median over the median of the"
+      " entry it is compared with (the built-in that computes the same thing for a wrapper,"
+      " `optax.adamw` for the μP compositions' built-in, the peer for the built-ins); **state**"
+      " MiB of optimizer state; **peak** MiB one call of the compiled step holds (arguments,"
+      " temporaries, outputs that alias no argument), and over the reference's; **moves** the"
+      " MiB a step must read and write by construction (g, y and every params-sized state"
+      " buffer read once; y and every state buffer written once); **×floor** median over those"
+      " bytes at the copy bandwidth of the same rounds; **bytes accessed / moves** XLA's"
+      " `cost_analysis()` bytes over the construction bytes; **kern/leaf** kernels touching"
+      " params-sized buffers per leaf; **temp** MiB of temporaries XLA allocates; **faults**"
+      " MiB of fresh pages the step touches (minor page faults × page size, median);"
+      " **lower + compile** seconds.",
   ]
   for config in report["configs"]:
-    probes = ", ".join(f"{b['gbps']:.2f} (best {b['best_gbps']:.2f})" for b in config["bandwidth"])
-    lines += ["", f"## {size_label(config['params'])} params ({config['params']:,}),"
-              f" {config['shape']} ({config['leaves']} leaves), {config['dtype']}", "",
-              f"Copy bandwidth in these rounds: {probes} GB/s.", "",
-              "| optimizer | store_x | ms [p25–p75] | min ms | state MiB | moves (MiB) |"
-              " floor ms | ×floor | kern/leaf | HLO/floor | temp MiB | faults MiB |"
-              " compile s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in config["entries"]:
-      temp = None if r["temp_bytes"] is None else r["temp_bytes"] / MiB
-      lines.append(
-          f"| {r['optimizer']} | {'' if r['store_x'] is None else r['store_x']} |"
-          f" {r['median_ms']:.3f} [{r['p25_ms']:.3f}–{r['p75_ms']:.3f}] | {r['min_ms']:.3f} |"
-          f" {r['state_bytes'] / MiB:.1f} |"
-          f" {r['buffers']} ({(r['read_bytes'] + r['write_bytes']) / MiB:.0f}) |"
-          f" {r['floor_ms']:.3f} | {r['ratio_to_floor']:.2f} |"
-          f" {r['hlo_kernels_per_leaf']:.0f} | {r['hlo_bytes_over_floor']:.2f} |"
-          f" {fmt(temp, '.1f')} | {r['page_faults_per_step'] * PAGE / MiB:.1f} |"
-          f" {r['compile_s']:.2f} |")
+    probes = ", ".join(f"{b['gbps']:.2f}" for b in config["bandwidth"])
+    lines += ["", f"## {config['suite']}: {size_label(config['params'])} params"
+              f" ({config['params']:,}), {config['shape']} ({config['leaves']} leaves),"
+              f" {config['dtype']}", "",
+              f"Load average {config['load_start']:.1f} → {config['load_end']:.1f}; copy"
+              f" bandwidth in these rounds: {probes} GB/s.", ""]
+    lines += entry_table(config)
     if config["eval_params"]:
-      lines += ["", "| eval_params | store_x | jit ms [p25–p75] | eager ms | moves (MiB) |"
-                " floor ms | kernels | HLO MiB | faults MiB | compile s |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+      lines += ["", "| eval_params | store_x | jit ms [p25–p75] | eager ms | moves MiB |"
+                " floor ms | kernels | faults MiB | compile s |",
+                "|---|---|---|---|---|---|---|---|---|"]
     for e in config["eval_params"]:
       lines.append(
           f"| sf_optax.eval_params | {e['store_x']} | {e['jit']['median_ms']:.3f}"
           f" [{e['jit']['p25_ms']:.3f}–{e['jit']['p75_ms']:.3f}] | {e['eager']['median_ms']:.3f} |"
-          f" {e['buffers']} ({e['floor_bytes'] / MiB:.0f}) | {e['floor_ms']:.3f} |"
-          f" {e['hlo_kernels']} | {e['hlo_bytes'] / MiB:.0f} |"
+          f" {e['floor_bytes'] / MiB:.0f} | {e['floor_ms']:.3f} | {e['hlo_kernels']} |"
           f" {e['page_faults_per_call'] * PAGE / MiB:.1f} | {e['compile_s']:.2f} |")
-  if report["configs"]:
-    names = list(report["configs"][0]["goals"])
-    lines += ["", "## Goals (ratios of medians within one configuration)", "",
+  builtins = [c for c in report["configs"] if c["suite"] == "builtins"]
+  if builtins:
+    names = list(builtins[0]["goals"])
+    lines += ["", "## Built-ins: ratios of medians within one configuration", "",
               "| config | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for config in report["configs"]:
+    for config in builtins:
       lines.append(f"| {size_label(config['params'])} {config['shape']} {config['dtype']} | "
                    + " | ".join(fmt(config["goals"].get(n)) for n in names) + " |")
+  if report.get("compile"):
+    table = report["compile"]
+    lines += ["", "## Compile time against leaf count", "",
+              "Float32 leaves of 64 × 32..38; each measurement in a fresh process (lower ="
+              " trace + lower, compile = XLA), entries round-robin, median [p25–p75] of"
+              f" {table['repeats']} runs up to 1,000 leaves, one run above; **peak** the"
+              " process's CPU time for both (user + system: less sensitive to other processes"
+              " on a shared machine than the wall time); **peak** the process's peak RSS during lowering and compiling, and in parentheses its growth"
+              " over the RSS before lowering (what the compiler took); **×** over `optax.adamw`"
+              " on the same tree.", "",
+              "| leaves | optimizer | lower s | compile s | total s | × adamw (lower, compile) |"
+              " CPU s (× adamw) | peak MiB (growth) | × adamw (peak, growth) | load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+      for name, e in row["entries"].items():
+        def span(s):
+          return (f"{s['median_ms'] / 1e3:.2f}" if s["runs"] < 3 else
+                  f"{s['median_ms'] / 1e3:.2f} [{s['p25_ms'] / 1e3:.2f}–{s['p75_ms'] / 1e3:.2f}]")
+        lines.append(
+            f"| {row['leaves']:,} | {name} | {span(e['lower'])} | {span(e['compile'])} |"
+            f" {span(e['total'])} | {e['total_over_adamw']:.2f} ({e['lower_over_adamw']:.2f},"
+            f" {e['compile_over_adamw']:.2f}) | {span(e['total_cpu'])} ({e['cpu_over_adamw']:.2f}) |"
+            f" {e['peak_rss_mib']:.0f}"
+            f" ({e['peak_growth_mib']:.0f}) | {e['peak_over_adamw']:.2f},"
+            f" {e['growth_over_adamw']:.2f} | {row['load_start']:.1f}→{row['load_end']:.1f} |")
   return "\n".join(lines) + "\n"
 
 
 def machine() -> dict[str, Any]:
   device = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
   return {
       "platform": device.platform, "device": getattr(device, "device_kind", str(device)),
-      "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+      "cpu": cpu, "cpu_count": os.cpu_count(),
       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
       "sf_optax": sf_optax.__version__, "python": platform.python_version(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_start": os.getloadavg()[0],
@@ -587,27 +823,57 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--sizes", default="1M,16M",
-                      help="comma-separated parameter counts (K/M = 2^10/2^20); default 1M,16M")
-  parser.add_argument("--full", action="store_true", help="add 64M to --sizes")
-  parser.add_argument("--shapes", default="array,tree", help="array (one leaf), tree (100 leaves)")
-  parser.add_argument("--dtype", default="float32,bf16",
-                      help="float32, bf16 (bf16 params + float32 optimizer state)")
-  parser.add_argument("--repeats", type=int, default=20, help="timed steps per entry (>= 20)")
+  parser.add_argument("--suites", default=",".join(SUITES),
+                      help="comma-separated: builtins, wrapper, mup, compile (default all)")
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes everywhere (1M; μP tree 4M; 100 and 1,000 leaves):"
+                      " a few minutes")
+  parser.add_argument("--sizes", default=None,
+                      help="built-ins: parameter counts (K/M = 2^10/2^20); default 1M,16M")
+  parser.add_argument("--full", action="store_true", help="built-ins: add 64M to --sizes")
+  parser.add_argument("--shapes", default="array,tree",
+                      help="built-ins: array (one leaf), tree (100 leaves)")
+  parser.add_argument("--dtype", default=None,
+                      help="float32, bf16 (bf16 params + float32 optimizer state);"
+                      " default both (float32 with --quick)")
+  parser.add_argument("--wrapper-size", default=None, help="wrapper suite, one array; default 16M")
+  parser.add_argument("--mup-size", default=None, help="μP suite, 148-leaf tree; default 40M")
+  parser.add_argument("--compile-leaves", default=None,
+                      help="compile suite: leaf counts; default 100,1000,4000,10000")
+  parser.add_argument("--compile-repeats", type=int, default=3,
+                      help="compile suite: runs per entry up to 1,000 leaves")
+  parser.add_argument("--repeats", type=int, default=None, help="timed steps per entry (20)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
   parser.add_argument("--only", default="", help="regex on the entry labels")
   parser.add_argument("--bandwidth-mib", type=float, default=256,
                       help="size of the arrays of the copy-bandwidth measurement")
-  parser.add_argument("--max-resident-gib", type=float, default=4.0,
+  parser.add_argument("--max-resident-gib", type=float, default=8.0,
                       help="entries timed round-robin together hold at most this much")
   parser.add_argument("--out", default=None,
                       help="output path without extension (default benchmarks/results/<platform>_<date>)")
+  parser.add_argument("--compile-child", nargs=2, metavar=("ENTRY", "LEAVES"),
+                      help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+  if args.compile_child:
+    print(json.dumps(compile_child(args.compile_child[0], int(args.compile_child[1]))))
+    return {}
+  quick = args.quick
+  sizes = [parse_size(s) for s in (args.sizes or ("1M" if quick else "1M,16M")).split(",") if s]
   if args.full and (1 << 26) not in sizes:
     sizes.append(1 << 26)
-  shapes = [s for s in args.shapes.split(",") if s]
-  dtypes = [d for d in args.dtype.split(",") if d]
+  shapes = [s for s in (("array",) if quick and args.shapes == "array,tree"
+                        else args.shapes.split(",")) if s]
+  dtypes = [d for d in (args.dtype or ("float32" if quick else "float32,bf16")).split(",") if d]
+  wrapper_size = parse_size(args.wrapper_size or ("1M" if quick else "16M"))
+  mup_size = parse_size(args.mup_size or ("4M" if quick else "40M"))
+  leaf_counts = [int(n) for n in (args.compile_leaves or (
+      "100,1000" if quick else "100,1000,4000,10000")).split(",") if n]
+  repeats = args.repeats or (10 if quick else 20)
+  args.repeats = repeats
+  suites = [s for s in args.suites.split(",") if s]
+  for s in suites:
+    if s not in SUITES:
+      parser.error(f"unknown suite {s!r}")
   for s in shapes:
     if s not in SHAPES:
       parser.error(f"unknown shape {s!r}")
@@ -620,29 +886,40 @@ def main(argv: list[str] | None = None) -> dict:
   out = pathlib.Path(args.out) if args.out else (
       pathlib.Path(__file__).parent / "results" / f"{info['platform']}_{date}")
   out.parent.mkdir(parents=True, exist_ok=True)
+  wall_start = time.perf_counter()
 
   def log(text):
     print(text, file=sys.stderr, flush=True)
 
   bw_bytes = int(args.bandwidth_mib * MiB)
-  start_bw = measure_bandwidth(bw_bytes, max(args.repeats, 20))
+  start_bw = measure_bandwidth(bw_bytes, max(repeats, 20))
   log(f"copy bandwidth {start_bw['gbps']:.2f} GB/s (best {start_bw['best_gbps']:.2f})")
   configs = []
-  for size in sizes:
-    for shape in shapes:
-      for dtype_name in dtypes:
-        config = run_config(size, shape, dtype_name, args, log)
-        config["goals"] = goals(config)
-        configs.append(config)
-  end_bw = measure_bandwidth(bw_bytes, max(args.repeats, 20))
+  if "builtins" in suites:
+    for size in sizes:
+      for shape in shapes:
+        for dtype_name in dtypes:
+          config = run_config("builtins", builtin_entries(), size, shape, dtype_name, args, log)
+          config["goals"] = goals(config)
+          configs.append(config)
+  if "wrapper" in suites:
+    configs.append(run_config("wrapper", wrapper_entries(), wrapper_size, "array", "float32",
+                              args, log))
+  if "mup" in suites:
+    for dtype_name in dtypes:
+      configs.append(run_config("mup", mup_entries(), mup_size, "gpt", dtype_name, args, log))
+  compile_table = compile_suite(leaf_counts, args.compile_repeats, log) if (
+      "compile" in suites) else None
+  end_bw = measure_bandwidth(bw_bytes, max(repeats, 20))
   log(f"copy bandwidth at the end {end_bw['gbps']:.2f} GB/s (best {end_bw['best_gbps']:.2f})")
   report = {
       "command": "python " + " ".join([pathlib.Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])),
       "date": date, "machine": info, "load_end": os.getloadavg()[0],
-      "repeats": args.repeats, "warmup": args.warmup,
+      "wall_s": time.perf_counter() - wall_start,
+      "repeats": repeats, "warmup": args.warmup,
       "learning_rate": LEARNING_RATE, "weight_decay_adamw": WEIGHT_DECAY,
       "bandwidth": {"array_mib": args.bandwidth_mib, "start": start_bw, "end": end_bw},
-      "configs": configs,
+      "configs": configs, "compile": compile_table,
   }
   json_path, md_path = out.parent / (out.name + ".json"), out.parent / (out.name + ".md")
   json_path.write_text(json.dumps(report, indent=1))

@@ -14,9 +14,10 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +54,44 @@ def load_digits_splits(seed: int = 0, test_fraction: float = 0.3, val_fraction: 
   return dict(
       x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test
   )
+
+
+TABULAR = ("breast_cancer", "wine")
+
+
+def load_tabular_splits(name: str, seed: int = 0, test_fraction: float = 0.3,
+                        val_fraction: float = 0.2):
+  """A scikit-learn tabular data set (bundled, no download), split like the digits.
+
+  ``name`` is ``"breast_cancer"`` (569 tumours, 30 features, 2 classes) or
+  ``"wine"`` (178 wines, 13 features, 3 classes). Features are standardized with
+  the training split's mean and standard deviation.
+
+  Returns:
+    The dict of :func:`load_digits_splits`, features of shape (n, d) and a
+    ``num_classes`` entry.
+  """
+  from sklearn import datasets
+  from sklearn.model_selection import train_test_split
+
+  if name not in TABULAR:
+    raise ValueError(f"name must be one of {TABULAR}, got {name!r}")
+  bunch = getattr(datasets, f"load_{name}")()
+  x = bunch.data.astype(np.float32)
+  y = bunch.target.astype(np.int32)
+  x_rest, x_test, y_rest, y_test = train_test_split(
+      x, y, test_size=test_fraction, random_state=seed, stratify=y
+  )
+  x_train, x_val, y_train, y_val = train_test_split(
+      x_rest, y_rest, test_size=val_fraction, random_state=seed, stratify=y_rest
+  )
+  mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+  out = dict(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test,
+             y_test=y_test)
+  out = {k: ((v - mean) / std).astype(np.float32) if k.startswith("x_") else v
+         for k, v in out.items()}
+  out["num_classes"] = int(y.max()) + 1
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -199,15 +238,62 @@ def progress(total: int, desc: str, disable: bool = False):
   return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, file=sys.stderr)
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+
+  return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
+  """Versions, CPU and load of this machine: what a number measured here depends on."""
+  import flax
+  import jaxlib
+  import optax
+
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cores = os.cpu_count()
+  try:
+    load = os.getloadavg()[0]
+  except OSError:
+    load = None
   return dict(
       python=sys.version.split()[0],
       jax=jax.__version__,
+      jaxlib=jaxlib.__version__,
+      flax=flax.__version__,
+      optax=optax.__version__,
+      numpy=np.__version__,
       backend=jax.default_backend(),
       devices=str(jax.devices()),
+      cpu_model=_cpu_model(),
       cpu_count=os.cpu_count(),
-      time=time.strftime("%Y-%m-%d %H:%M:%S"),
+      usable_cores=cores,
+      load_average_1min_at_start=load,
+      time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
   )
+
+
+def run_record(script: str, argv: Sequence[str] | None) -> dict:
+  """``{"command": ..., "environment": ...}`` for the JSON an example writes.
+
+  Every example calls this once at the start of ``main(argv)`` and stores both
+  entries, so each JSON names the exact command that reproduces it (relative to
+  the repository root) and the machine it ran on.
+  """
+  import shlex
+
+  args = sys.argv[1:] if argv is None else list(argv)
+  command = shlex.join(["python", f"examples/{os.path.basename(script)}", *args])
+  return dict(command=command, environment=environment())
 
 
 def log2_grid(center: float, half_width: int) -> list[float]:
@@ -230,6 +316,23 @@ def stack_trees(trees: Sequence[Any]):
 def timer() -> Callable[[], float]:
   start = time.perf_counter()
   return lambda: time.perf_counter() - start
+
+
+def cpu_timer() -> Callable[[], float]:
+  """Seconds of CPU time this process (all its threads) used since the call.
+
+  On a shared machine the wall time grows with the load; the CPU time does not
+  (much): on an idle machine the wall time is about the CPU time / the cores used.
+  """
+  start = time.process_time()
+  return lambda: time.process_time() - start
+
+
+def elapsed_line(wall: Callable[[], float], cpu: Callable[[], float], record: dict) -> str:
+  """"elapsed ... s wall, ... s CPU (load average ...)" for the end of an example's run."""
+  start = record["environment"]["load_average_1min_at_start"]
+  return (f"elapsed {wall():.0f} s wall, {cpu():.0f} s CPU ({os.cpu_count()} cores; load average"
+          f" {start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
 
 
 # ---------------------------------------------------------------------------
@@ -369,4 +472,113 @@ def init_model(make: Callable[[int], nn.Module], width: int, base_width: int, mu
     params = model.init(key, example)["params"]
     infshapes = None
   apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  return apply, params, infshapes
+
+
+# ---------------------------------------------------------------------------
+# The same models in flax.nnx, attribute for attribute: their params have the
+# Linen models' names and shapes, so both APIs start from the same arrays
+# (see :func:`init_model_nnx`).
+# ---------------------------------------------------------------------------
+
+
+class NNXCausalSelfAttention(nnx.Module):
+  def __init__(self, width: int, heads: int, mup: bool, base_head_dim: int, *, rngs: nnx.Rngs):
+    self.heads, self.mup, self.base_head_dim = heads, mup, base_head_dim
+    for name in ("query", "key", "value", "out"):
+      setattr(self, name, nnx.Linear(width, width, rngs=rngs))
+
+  def __call__(self, x):
+    b, t, width = x.shape
+    head_dim = width // self.heads
+    split = lambda y: y.reshape(b, t, self.heads, head_dim)  # noqa: E731
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    if self.mup:
+      scale = mup_flax.attention_scale(head_dim, base_head_dim=self.base_head_dim)
+    else:
+      scale = 1.0 / math.sqrt(head_dim)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    attn = jax.nn.softmax(logits, axis=-1)
+    return self.out(jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, width))
+
+
+class NNXFeedForward(nnx.Module):
+  def __init__(self, width: int, ff_mult: int = 4, *, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(width, ff_mult * width, rngs=rngs)
+    self.fc2 = nnx.Linear(ff_mult * width, width, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.gelu(self.fc1(x)))
+
+
+class NNXBlock(nnx.Module):
+  def __init__(self, width: int, heads: int, mup: bool, base_head_dim: int, *, rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+    self.attn = NNXCausalSelfAttention(width, heads, mup, base_head_dim, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+    self.mlp = NNXFeedForward(width, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.ln1(x))
+    return x + self.mlp(self.ln2(x))
+
+
+class NNXCharTransformer(nnx.Module):
+  """:class:`CharTransformer` in ``flax.nnx`` (μP readout: ``mup_flax.nnx.MuReadout``)."""
+
+  def __init__(self, width: int = 128, depth: int = 2, heads: int = 4, seq_len: int = 64,
+               vocab: int = VOCAB_SIZE, mup: bool = True, base_width: int = 32,
+               output_mult: float = 1.0, *, rngs: nnx.Rngs):
+    self.depth = depth
+    self.embed = nnx.Embed(vocab, width, rngs=rngs)
+    self.pos_embed = nnx.Embed(seq_len, width, rngs=rngs)
+    for i in range(depth):
+      setattr(self, f"block_{i}", NNXBlock(width, heads, mup, base_width // heads, rngs=rngs))
+    self.ln_f = nnx.LayerNorm(width, rngs=rngs)
+    if mup:
+      self.readout = mup_flax.nnx.MuReadout(width, vocab, output_mult=output_mult, rngs=rngs)
+    else:
+      self.readout = nnx.Linear(width, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[1]))[None]
+    for i in range(self.depth):
+      x = getattr(self, f"block_{i}")(x)
+    return self.readout(self.ln_f(x))
+
+
+def _as_dict(tree):
+  if isinstance(tree, Mapping):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def init_model_nnx(make_linen: Callable[[int], nn.Module],
+                   make_nnx: Callable[[int, nnx.Rngs], nnx.Module], width: int,
+                   base_width: int, mup: bool, key, example):
+  """:func:`init_model` for the NNX twin of a Linen model: (apply_fn, params, infshapes).
+
+  The params are the Linen model's initial arrays (so ``--api linen`` and
+  ``--api nnx`` start identically), as the pure dict of the NNX model's
+  ``nnx.Param`` state; ``apply_fn`` rebuilds the module with ``nnx.merge`` (the
+  functional NNX API, usable inside ``jit``, ``vmap`` and ``scan``). μP: the NNX
+  model is annotated with ``mup_flax.nnx.set_base_shapes`` and the infshapes come
+  from it (``mup_flax.get_infshapes(model)``).
+  """
+  _, params, _ = init_model(make_linen, width, base_width, mup, key, example)
+  model = make_nnx(width, nnx.Rngs(0))
+  infshapes = None
+  if mup:
+    shapes = mup_flax.make_base_shapes(lambda: make_nnx(base_width, nnx.Rngs(0)),
+                                       lambda: make_nnx(2 * base_width, nnx.Rngs(0)))
+    model = mup_flax.nnx.set_base_shapes(model, shapes)
+    # get_infshapes gives an nnx.State; the optimizer sees the pure dict of params.
+    infshapes = _as_dict(mup_flax.get_infshapes(model))
+  graphdef, state = nnx.split(model)
+  expected, got = jax.tree.structure(nnx.to_pure_dict(state)), jax.tree.structure(params)
+  if expected != got:
+    raise ValueError(f"the NNX model's params {expected} differ from the Linen model's {got}")
+  apply = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
   return apply, params, infshapes

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -241,8 +240,9 @@ def parse_args(argv):
 
 
 def main(argv=None):
+  record = _common.run_record(__file__, argv)
   args = parse_args(argv)
-  elapsed, cpu_start = _common.timer(), time.process_time()
+  elapsed, cpu = _common.timer(), _common.cpu_timer()
   tasks = [t for t in args.tasks.split(",") if t]
   plan = {"digits": (digits_task, args.digits_steps, args.digits_lrs, args.digits_seeds),
           "char_lm": (char_task, args.lm_steps, args.lm_lrs, args.lm_seeds)}
@@ -268,14 +268,13 @@ def main(argv=None):
       r = results[t]["optimizers"][name]
       acc = f", acc {100 * r['test_acc']:.2f}%" if "test_acc" in r else ""
       print(f"  {LABELS[name]:20s} lr {r['chosen_lr']:<7g} test loss {r['test_loss']:.4f}{acc}")
-  summary = dict(config=vars(args), environment=_common.environment(), results=results,
-                 eval_every=args.eval_every, seconds=elapsed(),
-                 cpu_seconds=time.process_time() - cpu_start)
+  summary = dict(**record, config=vars(args), results=results,
+                 eval_every=args.eval_every, seconds=elapsed(), cpu_seconds=cpu())
   os.makedirs(args.out, exist_ok=True)
   _common.write_json(os.path.join(args.out, "adan_comparison.json"), summary)
   plot(summary, args.out)
-  print(f"wrote {args.out}/adan_comparison.png, adan_comparison.json ({elapsed():.0f} s wall,"
-        f" {summary['cpu_seconds']:.0f} s CPU)")
+  print(f"wrote {args.out}/adan_comparison.png, adan_comparison.json")
+  print(_common.elapsed_line(elapsed, cpu, record))
   return summary
 
 

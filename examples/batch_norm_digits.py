@@ -198,6 +198,7 @@ def report(row, args):
 
 
 def main(argv=None):
+  record = _common.run_record(__file__, argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--api", choices=("linen", "nnx"), default="linen")
   parser.add_argument("--epochs", type=int, default=10)
@@ -215,7 +216,7 @@ def main(argv=None):
   data = _common.load_digits_splits(seed=args.seed)
   rows = (run_linen if args.api == "linen" else run_nnx)(data, args)
   path = os.path.join(args.out, "batch_norm_digits.json")
-  _common.write_json(path, dict(args=vars(args), rows=rows, environment=_common.environment()))
+  _common.write_json(path, dict(**record, args=vars(args), rows=rows))
   last = rows[-1]
   print(f"after {last['step']} steps: test accuracy at x {last['acc_x_stale']:.4f} with the"
         f" stale running statistics, {last['acc_x_recomputed']:.4f} recomputed at x"

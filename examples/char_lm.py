@@ -1,6 +1,6 @@
 """A character-level Transformer language model on the Python standard library's source.
 
-A small decoder-only Transformer (Flax Linen) in μP -- ``mup_flax.MuReadout``
+A small decoder-only Transformer (Flax Linen, or ``--api nnx``) in μP -- ``mup_flax.MuReadout``
 for the logits, 1/d attention (``mup_flax.attention_scale``), zero-initialized
 queries, width-corrected init through ``mup_flax.MuP`` -- trained with
 ``sf_optax.schedule_free_adamw`` whose per-parameter learning rates are μP's
@@ -9,10 +9,17 @@ evaluated at the Schedule-Free average (``sf_optax.eval_params``) whenever one
 likes. The corpus is a fixed list of the standard library's own ``.py`` files,
 present on every machine (no download).
 
+With ``--api nnx`` the model is ``_common.NNXCharTransformer`` (``flax.nnx``,
+``mup_flax.nnx.MuReadout``, annotated by ``mup_flax.nnx.set_base_shapes``),
+started from the Linen model's initial arrays and trained on the same batches
+through the functional NNX API (``nnx.merge`` inside ``jit``): the losses equal
+the Linen run's to float32 rounding.
+
 Usage::
 
   python examples/char_lm.py               # defaults: a few minutes on 2 CPU cores
   python examples/char_lm.py --width 256   # same hyperparameters, wider (that is μP's point)
+  python examples/char_lm.py --api nnx     # the same model in flax.nnx, same init and batches
   python examples/char_lm.py --help
 
 Prints the validation loss as it trains and a text sample at the end; writes
@@ -77,6 +84,8 @@ def parse_args(argv):
       )
   )
   _common.add_common_args(parser, "out/char_lm")
+  parser.add_argument("--api", choices=("linen", "nnx"), default="linen",
+                      help="write the model with flax.linen or flax.nnx (default: %(default)s)")
   parser.add_argument("--width", type=int, default=128, help="model width (default: %(default)s)")
   parser.add_argument("--base-width", type=int, default=32,
                       help="muP base width: hyperparameters are those of this width (default: %(default)s)")
@@ -105,10 +114,11 @@ def parse_args(argv):
 
 
 def main(argv=None):
+  record = _common.run_record(__file__, argv)
   args = parse_args(argv)
   if args.steps % args.eval_every:
     raise SystemExit("--steps must be a multiple of --eval-every")
-  elapsed = _common.timer()
+  elapsed, cpu = _common.timer(), _common.cpu_timer()
   mup = not args.sp
   train_tokens, val_tokens = _common.char_splits(args.corpus_chars)
   print(f"corpus: {len(train_tokens):,} train / {len(val_tokens):,} validation characters"
@@ -118,10 +128,17 @@ def main(argv=None):
       base_width=args.base_width)
   init_key, data_key, sample_key = jax.random.split(jax.random.key(args.seed), 3)
   example = jnp.zeros((1, args.seq_len), jnp.int32)
-  apply, params, infshapes = _common.init_model(
-      make, args.width, args.base_width, mup, init_key, example)
+  if args.api == "linen":
+    apply, params, infshapes = _common.init_model(
+        make, args.width, args.base_width, mup, init_key, example)
+  else:
+    make_nnx = lambda width, rngs: _common.NNXCharTransformer(  # noqa: E731
+        width=width, depth=args.depth, heads=args.heads, seq_len=args.seq_len, mup=mup,
+        base_width=args.base_width, rngs=rngs)
+    apply, params, infshapes = _common.init_model_nnx(
+        make, make_nnx, args.width, args.base_width, mup, init_key, example)
   n_params = sum(p.size for p in jax.tree.leaves(params))
-  print(f"model: width {args.width}, depth {args.depth}, heads {args.heads},"
+  print(f"model ({args.api}): width {args.width}, depth {args.depth}, heads {args.heads},"
         f" {n_params:,} parameters, {'muP (base width %d)' % args.base_width if mup else 'SP'}")
   tx = make_optimizer(args.lr, infshapes, warmup=args.warmup, weight_decay=args.weight_decay,
                       b1=args.b1)
@@ -175,8 +192,8 @@ def main(argv=None):
 
   os.makedirs(args.out, exist_ok=True)
   results = dict(
+      **record,
       config=vars(args),
-      environment=_common.environment(),
       parameters=int(n_params),
       corpus=dict(train_chars=int(len(train_tokens)), val_chars=int(len(val_tokens)),
                   files=list(_common.STDLIB_FILES)),
@@ -185,10 +202,12 @@ def main(argv=None):
       final_val_bits_per_char=final / math.log(2),
       sample=text,
       seconds=elapsed(),
+      cpu_seconds=cpu(),
   )
   _common.write_json(os.path.join(args.out, "char_lm.json"), results)
   plot(results, args.out)
-  print(f"wrote {args.out}/char_lm.png, char_lm.json ({elapsed():.0f} s)")
+  print(f"wrote {args.out}/char_lm.png, char_lm.json")
+  print(_common.elapsed_line(elapsed, cpu, record))
   return results
 
 

@@ -67,8 +67,9 @@ def parse_args(argv):
 
 
 def main(argv=None):
+  record = _common.run_record(__file__, argv)
   args = parse_args(argv)
-  elapsed = _common.timer()
+  elapsed, cpu = _common.timer(), _common.cpu_timer()
   names = [m for m in args.models.split(",") if m]
   setups = {}
   zero = not args.random_readout_init
@@ -92,7 +93,7 @@ def main(argv=None):
   if not setups or set(names) - {"mlp", "transformer"}:
     raise SystemExit("--models: a comma-separated subset of mlp,transformer")
 
-  results = dict(config=vars(args), environment=_common.environment(), models={})
+  results = dict(**record, config=vars(args), models={})
   total = sum(2 * len(s["widths"]) * args.nseeds for s in setups.values())
   os.makedirs(args.out, exist_ok=True)
   with _common.progress(total, "coord check (model inits)", args.no_progress) as bar:
@@ -130,11 +131,13 @@ def main(argv=None):
                  for p in ("sp", "mup")} | dict(widths=e["widths"], lr=e["lr"])
              for n, e in results["models"].items()}
   _common.write_json(os.path.join(args.out, "coord_check.json"),
-                     dict(config=results["config"], environment=results["environment"],
+                     dict(command=record["command"], environment=record["environment"],
+                          config=results["config"],
                           models=summary, records={n: {p: e[p]["records"] for p in ("sp", "mup")}
                                                    for n, e in results["models"].items()},
-                          seconds=results["seconds"]))
-  print(f"wrote {args.out}/coord_check_*.png, coord_check.json ({elapsed():.0f} s)")
+                          seconds=results["seconds"], cpu_seconds=cpu()))
+  print(f"wrote {args.out}/coord_check_*.png, coord_check.json")
+  print(_common.elapsed_line(elapsed, cpu, record))
   return results
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,8 +172,9 @@ def parse_args(argv):
 
 
 def main(argv=None):
+  record = _common.run_record(__file__, argv)
   args = parse_args(argv)
-  elapsed, cpu_start = _common.timer(), time.process_time()
+  elapsed, cpu = _common.timer(), _common.cpu_timer()
   depths = _common.parse_ints(args.depths)
   lrs = np.asarray(_common.parse_floats(args.lrs))
   names = [n for n in args.parametrizations.split(",") if n]
@@ -210,17 +210,17 @@ def main(argv=None):
 
   summary = dict(
       config=vars(args) | dict(depths=depths, lrs=lrs, parametrizations=names),
-      environment=_common.environment(),
+      **record,
       results=results,
       optimum_span_octaves=shifts,
       seconds=elapsed(),
-      cpu_seconds=time.process_time() - cpu_start,
+      cpu_seconds=cpu(),
   )
   os.makedirs(args.out, exist_ok=True)
   _common.write_json(os.path.join(args.out, "depth_transfer.json"), summary)
   plot(summary, args.out)
-  print(f"wrote {args.out}/depth_transfer.png, depth_transfer.json ({elapsed():.0f} s wall,"
-        f" {summary['cpu_seconds']:.0f} s CPU)")
+  print(f"wrote {args.out}/depth_transfer.png, depth_transfer.json")
+  print(_common.elapsed_line(elapsed, cpu, record))
   return summary
 
 

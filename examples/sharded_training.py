@@ -163,6 +163,7 @@ def run_local_processes(argv: list[str], num_processes: int, grace_s: float = 10
 
 
 def main(argv=None):
+  record = _common.run_record(__file__, argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--width", type=int, default=128)
   parser.add_argument("--depth", type=int, default=2)
@@ -292,7 +293,7 @@ def main(argv=None):
       for a, s in zip(jax.tree.leaves(opt_state), jax.tree.leaves(state_sh)))
   log(f"optimizer state keeps the params' shardings: {shardings_kept}")
   result = dict(args=vars(args), history=history, devices=n,
-                processes=jax.process_count(), environment=_common.environment())
+                processes=jax.process_count(), **record)
 
   if args.compare_single_device and jax.process_count() == 1:
     # The same steps on one device. Compare losses: per tensor, parameters whose

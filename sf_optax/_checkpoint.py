@@ -43,6 +43,8 @@ from typing import Any, Iterable, Optional
 import jax
 import numpy as np
 
+from sf_optax._per_parameter import parameter_path_name
+
 __all__ = (
     "CheckpointError",
     "CheckpointManager",
@@ -413,23 +415,11 @@ def _composite_args(ocp, tree: Any, base_shapes: Any):
   return ocp.args.Composite(**items)
 
 
-def _path_name(path) -> str:
-  """``a/b/0/c``: the path spelling of sf_optax's error messages."""
-  parts = []
-  for key in path:
-    for attribute in ("key", "name", "idx"):
-      if hasattr(key, attribute):
-        parts.append(str(getattr(key, attribute)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
 
 def _check_tree(tree: Any) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not (_is_python_scalar(leaf) or isinstance(leaf, (jax.Array, np.ndarray, np.generic))):
-      raise TypeError(f"save: leaf {_path_name(path)} is a {type(leaf).__name__}; a checkpoint"
+      raise TypeError(f"save: leaf {parameter_path_name(path)} is a {type(leaf).__name__}; a checkpoint"
                       " holds arrays and Python int/float leaves only.")
 
 

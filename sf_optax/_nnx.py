@@ -13,28 +13,18 @@ import optax
 
 from sf_optax._eval_params import eval_params
 from sf_optax._eval_params import find_schedule_free_states
+from sf_optax._per_parameter import parameter_path_name
 
 __all__ = ("eval_model",)
 
 Model = TypeVar("Model")
 
 
-def _path_name(path) -> str:
-  parts = []
-  for key in path:
-    for attribute in ("key", "name", "idx"):
-      if hasattr(key, attribute):
-        parts.append(str(getattr(key, attribute)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
 
 def _paths(tree: Any) -> dict[str, Any]:
   leaves = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda node: isinstance(node, optax.MaskedNode))[0]
-  return {_path_name(path): leaf for path, leaf in leaves}
+  return {parameter_path_name(path): leaf for path, leaf in leaves}
 
 
 def _listed(names) -> str:

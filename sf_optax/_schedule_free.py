@@ -18,6 +18,12 @@ y' - y = c (z' - y) + (1 - c) (1 - b1) (z' - z). Per leaf and per step this is a
 single elementwise pass: it reads g, y, z (and x), writes z (and x) and the
 update y' - y. The scalars of a step (lr, c, b1) come from ``_averaging``; the
 z-steps from ``_z_steps``.
+
+A z-step may change those scalars (ScheduleFree+ does, see ``ZStep``): a step
+size computed from the gradient, the iterates and the loss (``value``), which
+then replaces lr, with global sums over the leaves, so one reduction pass
+precedes the per-leaf pass; a decay lr**2 * d' * w (d' with s squared); a b1
+per step; c = 1 for the first steps.
 """
 
 from __future__ import annotations
@@ -154,13 +160,30 @@ def _decay_factors(
   return factors
 
 
-def _decay_term(y, z, factor, decay_rate, weight_decay_at):
+class _Memo(dict):
+  """Scalars computed once per key (compute dtype, static factor) rather than per leaf.
+
+  With thousands of leaves, scalar arithmetic repeated per leaf is a large part
+  of what is traced, lowered and compiled; XLA would merge the copies only
+  after paying for them.
+  """
+
+  def __init__(self, compute_fn):
+    super().__init__()
+    self.compute_fn = compute_fn
+
+  def __missing__(self, key):
+    value = self[key] = self.compute_fn(*key)
+    return value
+
+
+def _decay_term(y, z, factor, rates, weight_decay_at):
   """lr * weight_decay * factor * (y or z), in the leaf's compute dtype; None if 0."""
   if factor == 0.0:
     return None
   compute = _averaging.float32_or_wider(y.dtype, z.dtype)
   at = y if weight_decay_at == "y" else z
-  return (decay_rate * factor).astype(compute) * at.astype(compute)
+  return rates[compute, factor] * at.astype(compute)
 
 
 def _scaled_steps(directions, step_size, scales):
@@ -168,15 +191,20 @@ def _scaled_steps(directions, step_size, scales):
   if step_size is None and scales is None:
     return directions
   scales = [None] * len(directions) if scales is None else scales
+
+  def factor(compute, s):
+    value = step_size if s is None else (s if step_size is None else step_size * s)
+    return jnp.asarray(value).astype(compute)
+
+  factors = _Memo(factor)
   steps = []
   for u, s in zip(directions, scales):
     compute = _averaging.float32_or_wider(u.dtype)
-    factor = step_size if s is None else (s if step_size is None else step_size * s)
-    steps.append(jnp.asarray(factor).astype(compute) * u.astype(compute))
+    steps.append(factors[compute, s] * u.astype(compute))
   return steps
 
 
-def _steps_for_y(z_step, steps, updates, base_state, scalars, count, scales, treedef):
+def _steps_for_y(direction, steps, updates, base_state, scalars, count, scales, treedef):
   """The z-step's steps for the y update: evaluated again on CPU, shared elsewhere.
 
   XLA:CPU gives each output its own loop, so a step shared by the z and y loops
@@ -184,29 +212,41 @@ def _steps_for_y(z_step, steps, updates, base_state, scalars, count, scales, tre
   its direction from the state it returned, the y loop evaluates it again from
   buffers it reads anyway; the optimization barrier stops XLA from merging the
   two copies (which would bring the temporary back). On GPU and TPU, where one
-  kernel can write several outputs, the steps are simply shared.
+  kernel can write several outputs, the steps are simply shared. The
+  recomputation is traced once, outside the platform branches, so that they
+  hold no per-leaf work (with thousands of leaves that is tracing time).
   """
-  if z_step.direction is None:
+  if direction is None:
     return steps
-
-  def on_cpu(updates, base_state):
-    updates, base_state = jax.lax.optimization_barrier((updates, base_state))
-    directions = z_step.direction(
-        updates, base_state, learning_rate=scalars.learning_rate, count=count
-    )
-    return _scaled_steps(treedef.flatten_up_to(directions), scalars.step_size, scales)
-
+  updates, base_state = jax.lax.optimization_barrier((updates, base_state))
+  directions = direction(updates, base_state, learning_rate=scalars.learning_rate, count=count)
+  recomputed = _scaled_steps(treedef.flatten_up_to(directions), scalars.step_size, scales)
   return jax.lax.platform_dependent(
-      updates, base_state, cpu=on_cpu, default=lambda updates, base_state: steps
+      recomputed, steps, cpu=lambda recomputed, steps: recomputed,
+      default=lambda recomputed, steps: steps,
   )
 
 
-def _move(y, z, x, step, step_for_y, term, c, b1, previous_b1=None):
-  """One leaf of the step: (update y' - y, z', x'), computed in float32 or wider.
+def _interpolation(c, b1, previous_b1=None):
+  """Per compute dtype, the scalars of :func:`_move`: computed once, not per leaf.
 
   ``previous_b1``, when b1 changes from step to step, is the b1 that made y: with
-  ``store_x=False`` x = (y - (1 - b1') z) / b1' then.
+  ``store_x=False`` x = (y - (1 - b1') z) / b1' then, and the update gains a term
+  in (1 - c) (b1 / b1' - 1).
   """
+
+  def coefficients(compute):
+    c_c, b1_c = c.astype(compute), b1.astype(compute)
+    drift = None
+    if previous_b1 is not None:
+      drift = (1 - c_c) * (b1_c / previous_b1.astype(compute) - 1)
+    return c_c, b1_c, 1 - b1_c, (1 - c_c) * (1 - b1_c), drift
+
+  return _Memo(coefficients)
+
+
+def _move(y, z, x, step, step_for_y, term, interpolation):
+  """One leaf of the step: (update y' - y, z', x'), computed in float32 or wider."""
   compute = _averaging.float32_or_wider(y.dtype, z.dtype)
   y_c, z_c = y.astype(compute), z.astype(compute)
 
@@ -214,22 +254,21 @@ def _move(y, z, x, step, step_for_y, term, c, b1, previous_b1=None):
     return step.astype(compute) if term is None else step.astype(compute) - term
 
   z_next = z_c + change_of_z(step)
-  c_c, b1_c = c.astype(compute), b1.astype(compute)
+  c_c, b1_c, one_minus_b1, y_coefficient, drift = interpolation[(compute,)]
   if x is not None:
     x_c = x.astype(compute)
     x_next = x_c + c_c * (z_next - x_c)
-    y_next = b1_c * x_next + (1 - b1_c) * z_next
+    y_next = b1_c * x_next + one_minus_b1 * z_next
     return (y_next - y_c).astype(y.dtype), z_next.astype(z.dtype), x_next.astype(x.dtype)
   # Written with z' rather than z so that no kernel reads the old z after z'
   # may have overwritten it in place (otherwise XLA copies z).
   delta_for_y = change_of_z(step_for_y)
-  update = c_c * (z_next - y_c) + (1 - c_c) * (1 - b1_c) * delta_for_y
-  if previous_b1 is not None:
+  update = c_c * (z_next - y_c) + y_coefficient * delta_for_y
+  if drift is not None:
     # With rho = b1 / b1', x = (y - (1 - b1') z) / b1' gives
     # y' - y = c (z' - y) + (1 - c) (1 - b1) (z' - z) + (1 - c) (rho - 1) (y - z);
     # the last term is exactly 0 while b1 does not change.
-    rho = b1_c / previous_b1.astype(compute)
-    update = update + (1 - c_c) * (rho - 1) * (delta_for_y - (z_next - y_c))
+    update = update + drift * (delta_for_y - (z_next - y_c))
   return update.astype(y.dtype), z_next.astype(z.dtype), None
 
 
@@ -305,8 +344,9 @@ def schedule_free_transform(
     leaves_z = treedef.flatten_up_to(state.z)
     scales = _per_leaf(settings.lr_scales, params, "lr_scales", _validation.static_float)
 
+    rates = _Memo(lambda compute, factor: (scalars.decay_rate * factor).astype(compute))
     decay_terms = [
-        _decay_term(y, z, factor, scalars.decay_rate, settings.weight_decay_at)
+        _decay_term(y, z, factor, rates, settings.weight_decay_at)
         for y, z, factor in zip(
             leaves_y, leaves_z,
             _decay_factors(settings, params, len(leaves_y), z_step.decay_power))
@@ -315,20 +355,23 @@ def schedule_free_transform(
         z if term is None else (z.astype(term.dtype) - term).astype(z.dtype)
         for z, term in zip(leaves_z, decay_terms)
     ])
-    directions, base_state = z_step.update(
+    result = z_step.update(
         updates, base_state, z_seen, learning_rate=scalars.learning_rate, count=count,
         **extra_args,
     )
+    directions, base_state = result[:2]
+    direction = result[2] if len(result) == 3 else z_step.direction
     steps = _scaled_steps(treedef.flatten_up_to(directions), scalars.step_size, scales)
     steps_for_y = steps
     if not store_x:
       steps_for_y = _steps_for_y(
-          z_step, steps, updates, base_state, scalars, count, scales, treedef
+          direction, steps, updates, base_state, scalars, count, scales, treedef
       )
     leaves_x = treedef.flatten_up_to(state.x) if store_x else [None] * len(leaves_y)
     previous_b1 = None if z_step.b1_schedule is None or store_x else state.b1
+    interpolation = _interpolation(scalars.averaging.c, scalars.b1, previous_b1)
     moved = [
-        _move(*leaf, scalars.averaging.c, scalars.b1, previous_b1)
+        _move(*leaf, interpolation)
         for leaf in zip(leaves_y, leaves_z, leaves_x, steps, steps_for_y, decay_terms)
     ]
     new_state = ScheduleFreeState(

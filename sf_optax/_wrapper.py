@@ -40,6 +40,24 @@ def schedule_free(
   base's step, ``weight_decay`` is the wrapper's own decoupled decay (at y by
   default, applied to z before the base step), on top of any decay of the base.
 
+  The state is the base's state plus z (plus x). With ``store_x=False`` both
+  the z and the y update need the base's step; on CPU, where XLA gives each
+  output its own loop, the y loop recomputes it from the gradient and the
+  base's *new* state, replaying the base's own equations (so no params-sized
+  temporary holds it). That works for elementwise bases whose step depends on
+  their old state and the params only through their new state: SGD with or
+  without momentum, Adam/AdamW without decay, RMSProp, AdaBelief,
+  ``mup_flax.mu_adam``/``mu_sgd`` and chains of such. It cannot be done for a
+  base whose step reads its old state otherwise (``optax.lion``: sign(b1 m +
+  (1 - b1) g) while m' = b2 m + (1 - b2) g) or reads the params (a weight decay
+  inside the base, e.g. ``optax.add_decayed_weights`` in a chain; pass
+  ``weight_decay`` to the wrapper instead): then the step is shared, and XLA:CPU
+  may write it to a params-sized temporary, which costs one more write and read
+  of the parameters' size per step (``benchmarks/step_time.py``, wrapper suite,
+  measures it). A base with a reduction over the gradient
+  (``optax.clip_by_global_norm``) is replayed with its reduction: one more read
+  of the gradient.
+
   Args:
     base_optimizer: any Optax transformation; it moves z.
     learning_rate: the base's learning rate (float or schedule): used for the

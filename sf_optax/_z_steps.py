@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from sf_optax import _averaging
+from sf_optax import _replay
 from sf_optax import _validation
 
 
@@ -59,7 +60,10 @@ class ZStep(NamedTuple):
     init: ``params -> state``, the z-step's own state (zeros, in z's dtype).
     update: ``(updates, state, params, *, learning_rate, count, **extra_args)
       -> (u, new_state)``: the direction u for the gradient ``updates`` (params
-      are z, after any weight decay at y or z).
+      are z, after any weight decay at y or z). A z-step whose direction is
+      only known once its update is traced (a wrapped Optax optimizer) returns
+      ``(u, new_state, direction)`` instead, with ``direction`` as below for
+      this trace, or None.
     direction: optional ``(updates, new_state, *, learning_rate, count) -> u``,
       the same u from the gradient and the state ``update`` returned. A z-step
       that can say so lets the engine evaluate u where it is needed rather than
@@ -185,11 +189,17 @@ def _second_moment(
     if rectify:
       _, adaptive = rectification(b2, count, dtype, silent_sgd_phase)
 
+    constants = {}  # per compute dtype, not per leaf (see _schedule_free._Memo)
+
     def one(g, nu):
       compute = _compute_dtype(g, nu)
+      if compute not in constants:
+        constants[compute] = (bias_correction2.astype(compute),
+                              jnp.asarray(eps, dtype).astype(compute))
+      bias_correction2_c, eps_c = constants[compute]
       nu = nu.astype(compute)
-      second = nu / bias_correction2.astype(compute) if bias_correct else nu
-      denominator = jnp.sqrt(second) + jnp.asarray(eps, dtype).astype(compute)
+      second = nu / bias_correction2_c if bias_correct else nu
+      denominator = jnp.sqrt(second) + eps_c
       if rectify:
         # Selecting the denominator, not u, keeps g read once.
         denominator = jnp.where(adaptive, denominator, 1)
@@ -200,11 +210,16 @@ def _second_moment(
   def update(updates, state, params, *, learning_rate, count, **extra_args):
     del params, extra_args
 
+    constants = {}
+
     def second_moment(g, nu):
       compute = _compute_dtype(g, nu)
+      if compute not in constants:
+        b2_c = jnp.asarray(b2, learning_rate.dtype).astype(compute)
+        constants[compute] = (b2_c, 1 - b2_c)
+      b2_c, one_minus_b2 = constants[compute]
       g = g.astype(compute)
-      b2_c = jnp.asarray(b2, learning_rate.dtype).astype(compute)
-      return (b2_c * nu.astype(compute) + (1 - b2_c) * g * g).astype(nu.dtype)
+      return (b2_c * nu.astype(compute) + one_minus_b2 * g * g).astype(nu.dtype)
 
     new_state = SecondMomentState(nu=jax.tree.map(second_moment, updates, state.nu))
     return direction(updates, new_state, learning_rate=learning_rate, count=count), new_state
@@ -477,11 +492,26 @@ def adan(b2: Any, b3: Any, eps: Any) -> ZStep:
 
 
 def transformation(base: optax.GradientTransformation) -> ZStep:
-  """A wrapped Optax optimizer: its update is the step of z (it sees z as params)."""
+  """A wrapped Optax optimizer: its update is the step of z (it sees z as params).
+
+  Its direction from the new state is read off the base's own program
+  (``_replay``): available when the base's step depends on its old state and
+  the params only through its new state (Adam, RMSProp, SGD with momentum, and
+  chains of such), not for Lion (its step reads the old momentum) or a base
+  with a weight decay of its own (its step reads the params).
+  """
   base = optax.with_extra_args_support(base)
 
   def update(updates, state, params, *, learning_rate, count, **extra_args):
     del learning_rate, count
-    return base.update(updates, state, params, **extra_args)
+    steps, new_state, replay = _replay.trace_steps(
+        lambda u, s, p: base.update(u, s, p, **extra_args), updates, state, params
+    )
+    direction = None
+    if replay is not None:
+      def direction(updates, new_state, *, learning_rate, count):
+        del learning_rate, count
+        return replay(updates, new_state)
+    return steps, new_state, direction
 
   return ZStep(base.init, update, applies_learning_rate=True)

@@ -1,28 +1,35 @@
-"""Guards on the compiled training update: kernels, bytes moved and temporaries.
+"""Guards on the compiled training update: bytes moved and temporaries.
 
 An optimizer step is bound by memory bandwidth: what it costs is the bytes its
-kernels read and write. Here the update + apply step of every sf_optax optimizer
-is compiled the way a training loop runs it (``jax.jit(step, donate_argnums=(0,
-1))``, on CPU, float32) and XLA's own compiled program
-(``compiled.as_text()``, ``compiled.memory_analysis()``) is checked:
+kernels read and write, and the buffers it allocates. Here the update + apply
+step of every sf_optax optimizer is compiled the way a training loop runs it
+(``jax.jit(step, donate_argnums=(0, 1))``, on CPU, float32) and XLA's own
+account of the compiled program is checked (``sf_optax._compiled_program``, the
+reading the benchmark uses too):
 
-(a) the kernels (fusions, copies) that touch params-sized buffers, per leaf, and
-    the bytes they move, in units of the params' bytes;
-(b) the buffers the program allocates beyond the donated inputs: temporaries
-    plus outputs that do not alias an input. Only scalars may be allocated,
-    except where a params-sized temporary is known and counted in ``BOUNDS``.
+(a) no params-sized temporary: the program allocates nothing beyond its donated
+    inputs but scalars (``memory_analysis()``: temporaries plus outputs that
+    alias no input);
+(b) the bytes moved (``cost_analysis()["bytes accessed"]``) are at most
+    ``TRAFFIC_BOUND`` times the bytes by construction (read g, y and every
+    params-sized state buffer once; write y and every params-sized state buffer
+    once).
 
-The bounds are the numbers the compiler gives today (jaxlib 0.10, XLA:CPU), so
-any regression (an extra pass, a copy, a materialized temporary) fails. Why they
-are what they are, per optimizer:
+Both hold on every JAX release ``pyproject.toml`` accepts. Why the bound is 2:
+XLA:CPU forms no multi-output fusions, so every params-sized output (y and each
+state buffer) is a loop of its own that reads every params-sized input it needs,
+and the steps move more than their construction bytes (today 1.43x for
+optax.adamw, 1.55-1.89x for sf_optax, see ``KERNELS``). What a regression adds
+is a whole pass over the parameters: updates written and read back (update and
+apply in two programs), an extra output, a copy of a donated buffer. The first
+two take a step past 2x, the last two allocate: the tests at the end show that
+the guard catches each of them.
 
-XLA:CPU forms no multi-output fusions: every params-sized output (y and each
-params-sized state buffer) is computed by a loop fusion of its own, which reads
-every params-sized input it needs. "One kernel per leaf" is therefore out of
-reach on CPU; the least is one kernel per params-sized output, and kernels that
-read outputs of earlier kernels. Per leaf (units of one leaf's bytes; g the
-gradient, y the params, u the z-step direction; weight decay on, so the z
-kernel reads y):
+(c) The exact kernel counts and bytes depend on how one XLA release fuses; they
+    are pinned for the jaxlib releases they were measured with (``KERNELS``,
+    skipped elsewhere). Per leaf (units of one leaf's bytes; g the gradient, y
+    the params, u the z-step direction; weight decay on, so the z kernel reads
+    y), jaxlib 0.10, XLA:CPU:
 
 =================== ======= ================================================ ========
 optimizer           store_x kernels: params-sized inputs -> output            traffic
@@ -33,8 +40,8 @@ adamw / adamw_paper False   g,v->v' ; z,y,g,v'->z' ; y,z',g,v'->y'            13
 adamw / adamw_paper True    g,v->v' ; z,y,g,v'->z' ; x,z'->x' ; y,z',x'->y'   15
 schedule_free_radam False   as adamw                                          13
 schedule_free_radam True    as adamw                                          15
-schedule_free(adam) False   g,m->m' ; g,v->v' ; m',v'->u (temp) ; z,u->z' ;   16
-                            y,u,z'->y'
+schedule_free(adam) False   g,m->m' ; g,v->v' ; z,g,m',v'->z' ;               15
+                            y,z',g,m',v'->y'
 schedule_free(adam) True    g,m->m' ; g,v->v' ; z,m',v'->z' ; x,z'->x' ;      17
                             y,z',x'->y'
 =================== ======= ================================================ ========
@@ -42,26 +49,24 @@ schedule_free(adam) True    g,m->m' ; g,v->v' ; z,m',v'->z' ; x,z'->x' ;      17
 The shared step u = g / (sqrt(v') + eps) (store_x=False, adaptive z-steps)
 feeds both the z' and the y' kernels and holds a divide and a square root,
 which XLA does not duplicate into two consumers: left alone it writes u to a
-params-sized float32 temporary (temp_size = 1.00x the params' bytes), which
-XLA:CPU allocates and faults in on every call (at 16M parameters 2.4x slower
-than store_x=True). The engine therefore recomputes u for the y' kernel on CPU
-from g and v' passed through ``jax.lax.optimization_barrier`` (so CSE cannot
-merge the two copies; ``ZStep.direction``, ``_schedule_free._steps_for_y``):
-3 kernels, 13 units, no temporary. A generic Optax base (the wrapper) offers no
-recomputation, so schedule_free(adam) store_x=False keeps its temporary: the
-strict xfail below records that gap. RAdam selects on the denominator
-(``g / where(adaptive, sqrt(v') + eps, 1)``) so g is read once per kernel.
+params-sized float32 temporary, which XLA:CPU allocates and faults in on every
+call. The engine therefore recomputes u for the y' kernel on CPU from the
+gradient and the new state: the built-in z-steps by their own formula, a
+wrapped Optax base by replaying the equations of its own program from its new
+state (``sf_optax._replay``). Where a base's step reads its old state other
+than through the new state (Lion), the step is shared; those bases copy their
+state on XLA:CPU on their own already (``BASES_WITH_OWN_COPY``), and the
+wrapper adds nothing to what they allocate.
 """
-
-import math
-import re
 
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
+import mup_flax
 import sf_optax
+from sf_optax import _compiled_program as program
 
 CPU = jax.devices("cpu")[0]
 
@@ -78,10 +83,41 @@ FACTORIES = {
         optax.adam(1e-2, b1=0.0), 1e-2, store_x=store_x),
 }
 
+
+def _infshapes(params):
+  """μP InfShapes with every dim infinite at a quarter of its size (width multiplier 4)."""
+  return jax.tree.map(
+      lambda p: mup_flax.InfShape([mup_flax.InfDim(max(1, d // 4), d) for d in p.shape]),
+      params)
+
+
+# Elementwise Optax bases of the wrapper: name -> params -> transformation.
+WRAPPED_BASES = {
+    "sgd": lambda params: optax.sgd(1e-2),
+    "sgd_momentum": lambda params: optax.sgd(1e-2, momentum=0.9),
+    "adam": lambda params: optax.adam(1e-2, b1=0.0),
+    "adamw_no_decay": lambda params: optax.adamw(1e-2, b1=0.0, weight_decay=0.0),
+    "lion": lambda params: optax.lion(1e-2, weight_decay=0.0),
+    "rmsprop": lambda params: optax.rmsprop(1e-2),
+    "adabelief": lambda params: optax.adabelief(1e-2, b1=0.0),
+    "mu_adam": lambda params: mup_flax.mu_adam(1e-2, _infshapes(params), b1=0.0),
+    "mu_sgd": lambda params: mup_flax.mu_sgd(1e-2, _infshapes(params)),
+    "chain": lambda params: optax.chain(
+        optax.scale_by_adam(b1=0.0), optax.scale_by_learning_rate(1e-2)),
+}
+
+# Bases that copy a state buffer on XLA:CPU on their own (optax.apply_updates
+# alone, no wrapper): their step reads the old m after the new m overwrote it
+# in place. The wrapper keeps that copy and adds none.
+BASES_WITH_OWN_COPY = {"lion", "adabelief"}
+
+# Bytes moved over the bytes by construction, on every accepted JAX release.
+TRAFFIC_BOUND = 2.0
+
 # (optimizer, store_x) -> (kernels per leaf, bytes moved in units of the params'
-# bytes, params-sized temporaries). Measured with jaxlib 0.10 on XLA:CPU; see the
-# module docstring for where each number comes from.
-BOUNDS = {
+# bytes, params-sized temporaries), measured with the jaxlib releases of
+# program.EXACT_COUNTS_JAXLIB on XLA:CPU; see the module docstring.
+KERNELS = {
     ("sgd", False): (2, 8, 0),
     ("sgd", True): (3, 11, 0),
     ("adamw", False): (3, 13, 0),
@@ -90,13 +126,13 @@ BOUNDS = {
     ("adamw_paper", True): (4, 15, 0),
     ("radam", False): (3, 13, 0),
     ("radam", True): (4, 15, 0),
-    ("wrapped_adam", False): (5, 16, 1),
+    ("wrapped_adam", False): (4, 15, 0),
     ("wrapped_adam", True): (5, 17, 0),
 }
 
-# Scalars (count, weight sums, lr_max, b1, flags) may be allocated; nothing
-# params-sized. Every leaf below is at least 4 KiB, so one leaf-sized buffer
-# always exceeds this slack.
+# Scalars (count, weight sums, lr_max, b1, flags) may be allocated and moved;
+# nothing params-sized. Every leaf below is at least 4 KiB, so one leaf-sized
+# buffer always exceeds this slack.
 SCALAR_SLACK = 1024
 
 SHAPES = {
@@ -114,96 +150,23 @@ def _tree(shapes, seed):
   )
 
 
-# ------------------------------------------------------------------ reading XLA's output
-
-_ITEM_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4,
-               "u32": 4, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-_ARRAY = re.compile(r"\b(f64|f32|bf16|f16|s64|u64|s32|u32|s16|u16|s8|u8|pred)\[([0-9,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
-_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
-
-
-def _arrays(type_text):
-  """(elements, bytes) of every array of an HLO type, tuples included."""
-  result = []
-  for dtype, dims in _ARRAY.findall(type_text):
-    size = math.prod(int(d) for d in dims.split(",") if d)
-    result.append((size, size * _ITEM_BYTES[dtype]))
-  return result
-
-
-def kernels(hlo_text):
-  """The ENTRY instructions that read or write non-scalar (= params-sized) buffers.
-
-  Fusions are opaque at this level: what a kernel reads is its operands and what
-  it writes is its output, i.e. the traffic that memory bandwidth pays for.
-  """
-  start = hlo_text.index("\nENTRY")
-  body = hlo_text[hlo_text.index("{", start) + 1: hlo_text.index("\n}", start)]
-  shapes, instructions = {}, []
-  for line in body.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, type_text, opcode, rest = match.groups()
-    shapes[name] = _arrays(type_text)
-    operands = [] if opcode == "parameter" else re.findall(r"%([\w.\-]+)", rest.split("),")[0])
-    instructions.append((name, opcode, operands))
-  result = []
-  for name, opcode, operands in instructions:
-    if opcode in _NO_TRAFFIC:
-      continue
-    written = sum(b for n, b in shapes[name] if n > 1)
-    read = sum(b for o in operands for n, b in shapes.get(o, []) if n > 1)
-    if read or written:
-      result.append({"name": name, "opcode": opcode, "read": read, "written": written})
-  return result
-
-
-def allocated_bytes(compiled):
-  """Bytes the program allocates beyond its donated inputs: temporaries + unaliased outputs."""
-  stats = compiled.memory_analysis()
-  return stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-
-
-class Profile:
-  """What one or more compiled programs making up a training step do."""
-
-  def __init__(self, compiled_programs, params):
-    self.params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    self.leaves = len(jax.tree.leaves(params))
-    found = [k for c in compiled_programs for k in kernels(c.as_text())]
-    self.kernels = len(found)
-    self.copies = sum(k["opcode"] == "copy" for k in found)
-    self.traffic = sum(k["read"] + k["written"] for k in found)
-    self.allocated = sum(allocated_bytes(c) for c in compiled_programs)
-
-  def violations(self, kernels_per_leaf, traffic_units, temporaries):
-    """What exceeds the bounds (an empty list when the step is within them)."""
-    found = []
-    if self.kernels > kernels_per_leaf * self.leaves:
-      found.append(f"{self.kernels} kernels > {kernels_per_leaf} per leaf x {self.leaves}")
-    if self.copies:
-      found.append(f"{self.copies} params-sized copies")
-    if self.traffic > traffic_units * self.params_bytes:
-      found.append(
-          f"moves {self.traffic / self.params_bytes:.2f}x the params' bytes > {traffic_units}")
-    if self.allocated > temporaries * self.params_bytes + SCALAR_SLACK:
-      found.append(
-          f"allocates {self.allocated} bytes > {temporaries} x {self.params_bytes}"
-          f" + {SCALAR_SLACK}")
-    return found
-
-
 def compile_step(tx, params):
   """The fused training step, params and state donated, compiled for CPU."""
-  state = jax.device_put(tx.init(params), CPU)
+  return program.compile_step(tx, params, state=jax.device_put(tx.init(params), CPU))
 
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
 
-  return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+def violations(programs, tx, params):
+  """What exceeds the version-independent bounds (empty when the step is within them)."""
+  profile = program.Profile(programs, params)
+  read, written = program.construction_bytes(params, jax.eval_shape(tx.init, params))
+  found = []
+  if profile.allocated > SCALAR_SLACK:
+    found.append(f"allocates {profile.allocated} bytes beyond its donated inputs"
+                 f" (params: {profile.params_bytes})")
+  if profile.bytes_accessed > TRAFFIC_BOUND * (read + written) + SCALAR_SLACK:
+    found.append(f"moves {profile.bytes_accessed / (read + written):.2f}x its bytes by"
+                 f" construction > {TRAFFIC_BOUND}")
+  return found
 
 
 # ------------------------------------------------------------------ the guards
@@ -214,47 +177,56 @@ def compile_step(tx, params):
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_compiled_step_within_bounds(name, store_x, shape):
   params = _tree(SHAPES[shape], 0)
-  profile = Profile([compile_step(FACTORIES[name](store_x), params)], params)
-  per_leaf, traffic, temporaries = BOUNDS[name, store_x]
-  assert profile.violations(per_leaf, traffic, temporaries) == []
-  # The bounds are tight: one left loose would let a regression through. If the
-  # step got better, lower its bound here.
+  tx = FACTORIES[name](store_x)
+  assert violations([compile_step(tx, params)], tx, params) == []
+
+
+@pytest.mark.skipif(not program.exact_counts_measured(),
+                    reason="kernel counts are pinned for the jaxlib releases they were measured with")
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("store_x", [False, True], ids=["store_x=False", "store_x=True"])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_exact_kernels_and_bytes(name, store_x, shape):
+  params = _tree(SHAPES[shape], 0)
+  profile = program.Profile([compile_step(FACTORIES[name](store_x), params)], params)
+  per_leaf, traffic, temporaries = KERNELS[name, store_x]
+  # Exact: a bound left loose would let a regression through. If the step got
+  # better, lower its numbers here.
   assert profile.kernels == per_leaf * profile.leaves
-  assert profile.traffic == traffic * profile.params_bytes
-  assert profile.allocated > temporaries * profile.params_bytes - SCALAR_SLACK
+  assert profile.copies == 0
+  assert 0 <= profile.bytes_accessed - traffic * profile.params_bytes <= SCALAR_SLACK
+  assert 0 <= profile.temp - temporaries * profile.params_bytes <= SCALAR_SLACK
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw_paper", "radam"])
-def test_no_params_sized_temporary_store_x_false(name):
+@pytest.mark.parametrize("store_x", [False, True], ids=["store_x=False", "store_x=True"])
+@pytest.mark.parametrize("name", sorted(WRAPPED_BASES))
+def test_wrapper_adds_no_params_sized_temporary(name, store_x):
+  """schedule_free(base): the base's state plus z (plus x), nothing allocated beyond the base's own."""
   params = _tree(SHAPES["three"], 0)
-  profile = Profile([compile_step(FACTORIES[name](False), params)], params)
-  assert profile.allocated <= SCALAR_SLACK
-
-
-@pytest.mark.parametrize("name", ["wrapped_adam"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="XLA:CPU materializes the wrapped base's step (read by the z' and y'"
-    " kernels) as a params-sized temporary with store_x=False: a generic Optax"
-    " base offers no way to recompute it; when it goes, set the temporaries in"
-    " BOUNDS to 0.",
-)
-def test_wrapper_no_params_sized_temporary_store_x_false(name):
-  params = _tree(SHAPES["three"], 0)
-  profile = Profile([compile_step(FACTORIES[name](False), params)], params)
-  assert profile.allocated <= SCALAR_SLACK
+  base = WRAPPED_BASES[name](params)
+  tx = sf_optax.schedule_free(base, 1e-2, store_x=store_x)
+  state = jax.eval_shape(tx.init, params)
+  params_bytes = program.tree_bytes(params)
+  assert (program.tree_bytes(state, min_ndim=1)
+          == program.tree_bytes(jax.eval_shape(base.init, params), min_ndim=1)
+          + (2 if store_x else 1) * params_bytes)
+  wrapped = program.Profile([compile_step(tx, params)], params)
+  alone = program.Profile([compile_step(base, params)], params)
+  assert wrapped.allocated <= alone.allocated + SCALAR_SLACK
+  if name not in BASES_WITH_OWN_COPY:
+    assert alone.allocated <= SCALAR_SLACK
+    assert violations([compile_step(tx, params)], tx, params) == []
 
 
 # ------------------------------------------------------------------ the guards can fail
 
 
-@pytest.mark.parametrize("name,store_x", [("sgd", False), ("adamw", True)])
+@pytest.mark.parametrize("name,store_x", [("sgd", False), ("adamw", False), ("adamw", True)])
 def test_guard_catches_update_and_apply_in_two_jits(name, store_x):
   """Computing the updates in one jit and applying them in another is a worse step.
 
   The updates leave the first program as a fresh params-sized buffer and the
-  second program reads them back: one more kernel per leaf, two more passes, one
-  more allocation.
+  second program reads them back: two more passes, one more allocation.
   """
   params = _tree(SHAPES["three"], 0)
   tx = FACTORIES[name](store_x)
@@ -266,10 +238,10 @@ def test_guard_catches_update_and_apply_in_two_jits(name, store_x):
       update.lower(params, state, params).compile(),
       apply.lower(params, jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), updates)).compile(),
   ]
-  violations = Profile(programs, params).violations(*BOUNDS[name, store_x])
-  assert any("kernels" in v for v in violations), violations
-  assert any("allocates" in v for v in violations), violations
-  assert any("moves" in v for v in violations), violations
+  found = violations(programs, tx, params)
+  assert any("allocates" in v for v in found), found
+  if (name, store_x) != ("adamw", True):  # 15 + 3 units: exactly 2x its construction bytes
+    assert any("moves" in v for v in found), found
 
 
 @pytest.mark.parametrize("name,store_x", [("sgd", False), ("adamw", True)])
@@ -288,14 +260,23 @@ def test_guard_catches_materialized_updates(name, store_x):
     return optax.apply_updates(params, updates), state, updates
 
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-  violations = Profile([compiled], params).violations(*BOUNDS[name, store_x])
-  assert any("kernels" in v for v in violations), violations
-  assert any("allocates" in v for v in violations), violations
+  found = violations([compiled], tx, params)
+  assert any("allocates" in v for v in found), found
 
 
 def test_guard_catches_a_donation_copy():
   """optax.contrib.schedule_free_sgd reads the old z after writing z' in place: a copy."""
   params = _tree(SHAPES["three"], 0)
-  compiled = compile_step(optax.contrib.schedule_free_sgd(1e-2), params)
-  violations = Profile([compiled], params).violations(*BOUNDS["sgd", False])
-  assert any("copies" in v for v in violations), violations
+  tx = optax.contrib.schedule_free_sgd(1e-2)
+  found = violations([compile_step(tx, params)], tx, params)
+  assert any("allocates" in v for v in found), found
+
+
+@pytest.mark.skipif(not program.exact_counts_measured(),
+                    reason="the HLO text is read for the jaxlib releases it was checked with")
+def test_cost_analysis_agrees_with_the_kernels():
+  """``bytes accessed`` is the traffic between kernels that the HLO text shows."""
+  params = _tree(SHAPES["three"], 0)
+  compiled = compile_step(FACTORIES["adamw"](True), params)
+  traffic = sum(k["read"] + k["written"] for k in program.kernels(compiled.as_text()))
+  assert 0 <= program.bytes_accessed(compiled) - traffic <= SCALAR_SLACK

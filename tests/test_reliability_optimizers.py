@@ -27,7 +27,8 @@ every_adaptive = pytest.mark.parametrize("optimizer", ADAPTIVE, ids=str)
 def run(tx, params, grads, steps):
   state = tx.init(params)
   for _ in range(steps):
-    updates, state = tx.update(grads, state, params)
+    # A loss value for ScheduleFree+ (the others ignore the extra argument).
+    updates, state = tx.update(grads, state, params, value=1.0)
     params = optax.apply_updates(params, updates)
   return params, state
 
@@ -52,7 +53,8 @@ def test_half_precision_params_get_a_float32_state_by_default(optimizer, dtype):
   if not optimizer.name.startswith("wrapper"):  # optax.adam keeps its own moments' dtype
     assert floating == {jnp.dtype(jnp.float32)}
   assert {leaf.dtype for leaf in jax.tree.leaves(state.z)} == {jnp.dtype(jnp.float32)}
-  updates, _ = jax.eval_shape(optimizer.factory(0.1).update, params, state, params)
+  updates, _ = jax.eval_shape(
+      lambda g, s, p: optimizer.factory(0.1).update(g, s, p, value=1.0), params, state, params)
   assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(dtype)}
 
 

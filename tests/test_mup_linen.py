@@ -17,6 +17,7 @@ from mup_flax import InfShapeBox
 
 from _helpers import MLP
 from _helpers import MuMLP
+from _helpers import assert_trees_equal
 
 X = jnp.ones((2, 5))
 
@@ -36,10 +37,6 @@ def add_bias(y, bias):
 
 def dense(x, p):
   return add_bias(x @ p["kernel"], p["bias"])
-
-
-def tree_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 # ---------------------------------------------------------------- the box
@@ -156,7 +153,7 @@ def test_base_equals_target_is_standard_parametrization():
   model = mup(16)
   variables = model.init(jax.random.key(3), X)
   sp = SPMLP(16).init(jax.random.key(3), X)
-  tree_equal(nn.unbox(variables), sp)
+  assert_trees_equal(nn.unbox(variables), sp)
   np.testing.assert_array_equal(model.apply(variables, X), SPMLP(16).apply(sp, X))
 
 
@@ -181,7 +178,7 @@ def test_mup_init_scales_only_what_it_should():
   width = 64
   variables = nn.unbox(mup(width).init(jax.random.key(1), X))["params"]
   sp = SPMLP(width).init(jax.random.key(1), X)["params"]
-  tree_equal(variables["Dense_1"], sp["Dense_1"])
+  assert_trees_equal(variables["Dense_1"], sp["Dense_1"])
   np.testing.assert_allclose(variables["MuReadout_0"]["kernel"],
                              sp["MuReadout_0"]["kernel"] * 2.0, rtol=1e-6)
 
@@ -213,9 +210,9 @@ def test_reinit_and_reannotate_never_rescale_twice():
   model = mup(64)
   variables = model.init(jax.random.key(0), X)
   again = model.annotate(variables)
-  tree_equal(nn.unbox(again), nn.unbox(variables))
+  assert_trees_equal(nn.unbox(again), nn.unbox(variables))
   params = mup_flax.set_base_shapes(variables["params"], model.base_shapes())
-  tree_equal(nn.unbox(params), nn.unbox(variables["params"]))
+  assert_trees_equal(nn.unbox(params), nn.unbox(variables["params"]))
 
 
 def test_checkpoint_restore_restores_annotations_without_rescaling():
@@ -224,7 +221,7 @@ def test_checkpoint_restore_restores_annotations_without_rescaling():
   # A checkpoint of plain arrays (what a restore without a target gives).
   plain = jax.tree.map(np.asarray, nn.unbox(variables))
   restored = model.annotate(plain)
-  tree_equal(nn.unbox(restored), nn.unbox(variables))
+  assert_trees_equal(nn.unbox(restored), nn.unbox(variables))
   assert mup_flax.get_infshapes(restored["params"]) == mup_flax.get_infshapes(variables["params"])
   # Restoring into the abstract annotated target (as orbax does) keeps the boxes.
   target = jax.eval_shape(model.init, jax.random.key(0), X)
@@ -269,7 +266,7 @@ def test_base_shapes_argument_and_file(tmp_path):
   b = mup_flax.MuP(MuMLP(64), base_shapes=shapes).init(jax.random.key(0), X)
   c = mup_flax.MuP(MuMLP(64), base_shapes=str(tmp_path / "mlp.yaml")).init(jax.random.key(0), X)
   for other in (b, c):
-    tree_equal(nn.unbox(other), nn.unbox(a))
+    assert_trees_equal(nn.unbox(other), nn.unbox(a))
     assert mup_flax.get_infshapes(other["params"]) == mup_flax.get_infshapes(a["params"])
 
 

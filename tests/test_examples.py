@@ -1,4 +1,4 @@
-"""Smoke tests: every example's main() runs end to end with tiny settings and writes its files."""
+"""Smoke tests of the examples: their main() runs end to end with tiny settings (slow tier) and writes its files."""
 
 import importlib
 import json
@@ -26,6 +26,7 @@ def _run(name, tmp_path, *args):
   return out, results
 
 
+@pytest.mark.slow  # an end-to-end run of the example: CI runs it in the slow tier
 def test_digits(tmp_path):
   out, results = _run(
       "digits", tmp_path, "--horizons", "10,20", "--lrs", "0.003,0.01", "--seeds", "2",
@@ -65,6 +66,7 @@ def test_digits_warmup_cosine_is_optax_schedule():
       [float(reference(c)) for c in counts], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # an end-to-end run of the example: CI runs it in the slow tier
 def test_char_lm(tmp_path, capsys):
   out, results = _run(
       "char_lm", tmp_path, "--width", "16", "--base-width", "8", "--depth", "1", "--heads", "2",
@@ -76,6 +78,7 @@ def test_char_lm(tmp_path, capsys):
   assert "final validation loss" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # an end-to-end run of the example: CI runs it in the slow tier
 def test_mutransfer(tmp_path):
   out, results = _run(
       "mutransfer", tmp_path, "--mlp-widths", "8,16", "--mlp-log2-lrs=-8,-6", "--fixed-log2-lr=-8",
@@ -90,6 +93,7 @@ def test_mutransfer(tmp_path):
       assert entry[param]["losses"].shape == (2, 2)
 
 
+@pytest.mark.slow  # an end-to-end run of the example: CI runs it in the slow tier
 def test_mutransfer_at_base_width_sp_equals_mup(tmp_path):
   # The MLPs coincide at the base width: same init, same optimizer.
   _, results = _run(
@@ -102,6 +106,7 @@ def test_mutransfer_at_base_width_sp_equals_mup(tmp_path):
   assert entry["mup_wide_base"]["base_width"] == 16
 
 
+@pytest.mark.slow  # an end-to-end run of the example: CI runs it in the slow tier
 def test_coord_check(tmp_path):
   out, results = _run(
       "coord_check", tmp_path, "--mlp-widths", "8,16", "--transformer-widths", "8,16",

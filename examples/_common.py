@@ -573,7 +573,8 @@ def init_model_nnx(make_linen: Callable[[int], nn.Module],
   if mup:
     shapes = mup_flax.make_base_shapes(lambda: make_nnx(base_width, nnx.Rngs(0)),
                                        lambda: make_nnx(2 * base_width, nnx.Rngs(0)))
-    model = mup_flax.nnx.set_base_shapes(model, shapes)
+    # Annotate only: the values are replaced by the Linen model's (μP-initialized) arrays.
+    model = mup_flax.nnx.set_base_shapes(model, shapes, rescale_params=False)
     # get_infshapes gives an nnx.State; the optimizer sees the pure dict of params.
     infshapes = _as_dict(mup_flax.get_infshapes(model))
   graphdef, state = nnx.split(model)

@@ -163,7 +163,6 @@ def run_local_processes(argv: list[str], num_processes: int, grace_s: float = 10
 
 
 def main(argv=None):
-  record = _common.run_record(__file__, argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--width", type=int, default=128)
   parser.add_argument("--depth", type=int, default=2)
@@ -207,6 +206,8 @@ def main(argv=None):
     # Before any other JAX call; afterwards jax.devices() lists every host's devices.
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
+  # After jax.distributed.initialize: the record lists the devices, which starts the backend.
+  record = _common.run_record(__file__, argv)
   n = jax.device_count()
   if args.batch_size % n:
     parser.error(f"--batch-size {args.batch_size} must be a multiple of the {n} devices")

@@ -131,3 +131,84 @@ def assert_trees_equal(actual, expected):
   """Same tree structure, then leafwise ``np.testing.assert_array_equal`` (bitwise)."""
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+
+# ---------------------------------------------------------------------------
+# Worker scripts with 8 virtual CPU devices (tests/_sharding*_worker.py).
+# ---------------------------------------------------------------------------
+
+
+def run_device_worker(worker, timeout_s: float = 900) -> dict:
+  """Runs a worker script in its own process with 8 virtual CPU devices.
+
+  JAX fixes its device count at start-up, so the flag is never set in the test
+  process. Returns ``{"results": {case: record}, "returncode": ..., "stderr":
+  ...}`` from the JSON lines the worker prints (see :func:`run_worker_cases`).
+  """
+  import json
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  worker = pathlib.Path(worker)
+  root = worker.parent.parent
+  env = dict(os.environ)
+  # The worker adds the flags it needs (long collective timeouts) to these.
+  env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+  completed = subprocess.run(
+      [sys.executable, str(worker)], cwd=root, env=env, capture_output=True, text=True,
+      timeout=timeout_s, check=False)
+  results = {}
+  for line in completed.stdout.splitlines():
+    if line.startswith("{"):
+      record = json.loads(line)
+      results[record["case"]] = record
+  return {"results": results, "returncode": completed.returncode,
+          "stderr": completed.stderr[-4000:]}
+
+
+def worker_case(worker_output: dict, name: str) -> dict:
+  """The record of case ``name`` from :func:`run_device_worker`; fails the test if it failed."""
+  import pytest
+
+  record = worker_output["results"].get(name)
+  if record is None:
+    pytest.fail(f"the worker printed no result for {name!r} (exit code"
+                f" {worker_output['returncode']}):\n{worker_output['stderr']}")
+  assert record["ok"], f"{name} failed in the worker:\n{record.get('error')}"
+  return record
+
+
+def run_worker_cases(cases: dict, argv: list, n_devices: int) -> int:
+  """A worker script's main: runs ``cases`` (all, or those named in ``argv``).
+
+  Prints one JSON line per case (``case``, ``ok``, what the case returned or
+  its traceback, ``seconds``) for :func:`run_device_worker`; returns the exit code.
+  """
+  import json
+  import sys
+  import time
+  import traceback
+
+  names = argv or list(cases)
+  unknown = [n for n in names if n not in cases]
+  if unknown:
+    print(f"unknown cases {unknown}; known: {sorted(cases)}", file=sys.stderr)
+    return 2
+  assert jax.device_count() == n_devices, jax.devices()
+  failed = 0
+  for name in names:
+    start = time.perf_counter()
+    try:
+      result = {"case": name, "ok": True, **(cases[name]() or {})}
+    except Exception:  # noqa: BLE001 -- reported to the parent test
+      failed += 1
+      result = {"case": name, "ok": False, "error": traceback.format_exc(limit=8)}
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    print(json.dumps(result), flush=True)
+  return 1 if failed else 0

@@ -14,11 +14,8 @@ prints one JSON line ``{"case": name, "ok": bool, "error": str, ...}``.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
-import time
-import traceback
 
 # Sets the XLA flags (8 devices, single-threaded Eigen, long collective
 # timeouts) and float64 before anything touches a device.
@@ -40,6 +37,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import mup_flax  # noqa: E402
 import sf_optax  # noqa: E402
+import _helpers  # noqa: E402
 
 TOLERANCE = 1e-12
 STEPS = 3
@@ -222,23 +220,7 @@ CASES = {
 
 
 def main(argv):
-  names = argv or list(CASES)
-  unknown = [n for n in names if n not in CASES]
-  if unknown:
-    print(f"unknown cases {unknown}; known: {sorted(CASES)}", file=sys.stderr)
-    return 2
-  assert jax.device_count() == N_DEVICES, jax.devices()
-  failed = 0
-  for name in names:
-    start = time.perf_counter()
-    try:
-      result = {"case": name, "ok": True, **(CASES[name]() or {})}
-    except Exception:  # noqa: BLE001 -- reported to the parent test
-      failed += 1
-      result = {"case": name, "ok": False, "error": traceback.format_exc(limit=8)}
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(result), flush=True)
-  return 1 if failed else 0
+  return _helpers.run_worker_cases(CASES, argv, N_DEVICES)
 
 
 if __name__ == "__main__":

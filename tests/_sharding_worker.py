@@ -14,11 +14,8 @@ differ by reduction order only).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-import traceback
 
 # 8 virtual CPU devices. They share one thread pool: multi-threaded Eigen kernels
 # inside them can starve a device that a collective waits for (a deadlock, which
@@ -45,6 +42,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import sf_optax  # noqa: E402
+import _helpers  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -782,23 +780,7 @@ CASES = {
 
 
 def main(argv):
-  names = argv or list(CASES)
-  unknown = [n for n in names if n not in CASES]
-  if unknown:
-    print(f"unknown cases {unknown}; known: {sorted(CASES)}", file=sys.stderr)
-    return 2
-  assert jax.device_count() == N_DEVICES, jax.devices()
-  failed = 0
-  for name in names:
-    start = time.perf_counter()
-    try:
-      result = {"case": name, "ok": True, **(CASES[name]() or {})}
-    except Exception:  # noqa: BLE001 -- reported to the parent test
-      failed += 1
-      result = {"case": name, "ok": False, "error": traceback.format_exc(limit=8)}
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(result), flush=True)
-  return 1 if failed else 0
+  return _helpers.run_worker_cases(CASES, argv, N_DEVICES)
 
 
 if __name__ == "__main__":

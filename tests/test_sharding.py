@@ -14,42 +14,19 @@ Run alone: ``python -m pytest tests/test_sharding.py -q``, or the worker itself:
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from _helpers import run_device_worker
+from _helpers import worker_case
+
 WORKER = pathlib.Path(__file__).with_name("_sharding_worker.py")
-ROOT = WORKER.parent.parent
 TIMEOUT_S = 900
 
 
 def _run_worker() -> dict:
-  env = dict(os.environ)
-  # The worker adds the flags it needs (8 devices, long collective timeouts) to these.
-  env["XLA_FLAGS"] = (
-      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-  completed = subprocess.run(
-      [sys.executable, str(WORKER)],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=TIMEOUT_S,
-      check=False,
-  )
-  results = {}
-  for line in completed.stdout.splitlines():
-    if line.startswith("{"):
-      record = json.loads(line)
-      results[record["case"]] = record
-  return {"results": results, "returncode": completed.returncode,
-          "stderr": completed.stderr[-4000:]}
+  return run_device_worker(WORKER, TIMEOUT_S)
 
 
 @pytest.fixture(scope="session")
@@ -77,67 +54,57 @@ def _worker_id(request):
   return "master"
 
 
-def case(worker_output, name: str) -> dict:
-  record = worker_output["results"].get(name)
-  if record is None:
-    pytest.fail(
-        f"the worker printed no result for {name!r} (exit code"
-        f" {worker_output['returncode']}):\n{worker_output['stderr']}"
-    )
-  assert record["ok"], f"{name} failed in the worker:\n{record.get('error')}"
-  return record
-
 
 def test_init_gives_state_the_param_shardings(worker_output):
-  record = case(worker_output, "init_shardings")
+  record = worker_case(worker_output, "init_shardings")
   # 3 sharded params (two kernels and a bias): z, x and the second moments.
   assert record["leaves_checked"]["adamw/jit"] == 18
 
 
 def test_fsdp_step_matches_single_device(worker_output):
-  record = case(worker_output, "fsdp_step")
+  record = worker_case(worker_output, "fsdp_step")
   assert set(record["rel_error"]) == {"adamw", "wrapper_adam", "adamw_no_x"}
   assert max(record["rel_error"].values()) <= 1e-9
 
 
 def test_sharded_checkpoint_roundtrip(worker_output):
   # z, x, nu and params of the three sharded params.
-  assert case(worker_output, "checkpoint_sharded")["restored_sharded_leaves"] == 12
+  assert worker_case(worker_output, "checkpoint_sharded")["restored_sharded_leaves"] == 12
 
 
 def test_fsdp_float32_differs_by_reduction_order_only(worker_output):
-  assert case(worker_output, "fsdp_float32")["rel_error"] <= 1e-5
+  assert worker_case(worker_output, "fsdp_float32")["rel_error"] <= 1e-5
 
 
 def test_explicit_sharding_mesh(worker_output):
-  record = case(worker_output, "explicit_mesh")
+  record = worker_case(worker_output, "explicit_mesh")
   assert max(record["rel_error"].values()) <= 1e-9
 
 
 def test_nnx_fsdp(worker_output):
-  assert case(worker_output, "nnx_fsdp")["rel_error"] <= 1e-9
+  assert worker_case(worker_output, "nnx_fsdp")["rel_error"] <= 1e-9
 
 
 def test_shard_map_data_parallel(worker_output):
-  record = case(worker_output, "shard_map_dp")
+  record = worker_case(worker_output, "shard_map_dp")
   assert max(record["rel_error"].values()) <= 1e-9
 
 
 def test_shard_map_data_parallel_summed_loss(worker_output):
-  assert case(worker_output, "shard_map_psum_loss")["rel_error"] <= 1e-9
+  assert worker_case(worker_output, "shard_map_psum_loss")["rel_error"] <= 1e-9
 
 
 def test_pmap_data_parallel(worker_output):
-  record = case(worker_output, "pmap_dp")
+  record = worker_case(worker_output, "pmap_dp")
   assert max(record["rel_error"].values()) <= 1e-9
 
 
 def test_mup_linen_partitioning_scan_fsdp(worker_output):
-  assert case(worker_output, "mup_linen_fsdp_scan")["rel_error"] <= 1e-9
+  assert worker_case(worker_output, "mup_linen_fsdp_scan")["rel_error"] <= 1e-9
 
 
 def test_mup_nnx_sharding_metadata_scan_fsdp(worker_output):
-  assert case(worker_output, "mup_nnx_fsdp_scan")["rel_error"] <= 1e-9
+  assert worker_case(worker_output, "mup_nnx_fsdp_scan")["rel_error"] <= 1e-9
 
 
 def test_worker_ran_every_case(worker_output):

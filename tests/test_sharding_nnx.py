@@ -7,49 +7,24 @@ with 8 virtual CPU devices (JAX fixes its device count at start-up), as in
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from _helpers import run_device_worker
+from _helpers import worker_case
+
 WORKER = pathlib.Path(__file__).with_name("_sharding_nnx_worker.py")
-ROOT = WORKER.parent.parent
 TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
 def worker_output():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-  completed = subprocess.run([sys.executable, str(WORKER)], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-  results = {}
-  for line in completed.stdout.splitlines():
-    if line.startswith("{"):
-      record = json.loads(line)
-      results[record["case"]] = record
-  return results, completed
-
-
-def case(worker_output, name):
-  results, completed = worker_output
-  record = results.get(name)
-  if record is None:
-    pytest.fail(f"the worker printed no result for {name!r} (exit code"
-                f" {completed.returncode}):\n{completed.stderr[-4000:]}")
-  assert record["ok"], f"{name} failed in the worker:\n{record.get('error')}"
-  return record
+  return run_device_worker(WORKER, TIMEOUT_S)
 
 
 def test_mup_schedule_free_fsdp_equals_one_device_and_eval_model_keeps_shardings(worker_output):
-  record = case(worker_output, "mup_fsdp_eval_model")
+  record = worker_case(worker_output, "mup_fsdp_eval_model")
   assert set(record["rel_error"]) == {"store_x=True", "store_x=False"}
   assert max(record["rel_error"].values()) <= 1e-12
   # 6 params: z, x and the second moments (store_x=True), z and the second moments.
@@ -57,5 +32,5 @@ def test_mup_schedule_free_fsdp_equals_one_device_and_eval_model_keeps_shardings
 
 
 def test_sharded_checkpoint_restores_into_an_abstract_model_and_resumes_bitwise(worker_output):
-  record = case(worker_output, "checkpoint_resume_sharded")
+  record = worker_case(worker_output, "checkpoint_resume_sharded")
   assert record["state_leaves_checked"] == 18

@@ -367,6 +367,22 @@ class MLP(nn.Module):
     return readout(self.num_classes, self.mup, **kwargs)(x)
 
 
+def causal_attention(q, k, v, mup: bool, base_head_dim: int):
+  """Causal multi-head attention of split ``(batch, time, heads, head_dim)`` inputs.
+
+  Shared by the Linen and NNX Transformers; returns ``(batch, time, heads * head_dim)``.
+  """
+  b, t, heads, head_dim = q.shape
+  if mup:  # 1/d: logits stay O(1) as the head dimension grows
+    scale = mup_flax.attention_scale(head_dim, base_head_dim=base_head_dim)
+  else:
+    scale = 1.0 / math.sqrt(head_dim)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  attn = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, heads * head_dim)
+
 class CausalSelfAttention(nn.Module):
   width: int
   heads: int
@@ -382,15 +398,7 @@ class CausalSelfAttention(nn.Module):
     q = split(nn.Dense(self.width, kernel_init=query_init, name="query")(x))
     k = split(nn.Dense(self.width, name="key")(x))
     v = split(nn.Dense(self.width, name="value")(x))
-    if self.mup:  # 1/d: logits stay O(1) as the head dimension grows
-      scale = mup_flax.attention_scale(head_dim, base_head_dim=self.base_head_dim)
-    else:
-      scale = 1.0 / math.sqrt(head_dim)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    attn = jax.nn.softmax(logits, axis=-1)
-    y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, self.width)
+    y = causal_attention(q, k, v, self.mup, self.base_head_dim)
     return nn.Dense(self.width, name="out")(y)
 
 
@@ -493,15 +501,7 @@ class NNXCausalSelfAttention(nnx.Module):
     head_dim = width // self.heads
     split = lambda y: y.reshape(b, t, self.heads, head_dim)  # noqa: E731
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-    if self.mup:
-      scale = mup_flax.attention_scale(head_dim, base_head_dim=self.base_head_dim)
-    else:
-      scale = 1.0 / math.sqrt(head_dim)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    attn = jax.nn.softmax(logits, axis=-1)
-    return self.out(jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, width))
+    return self.out(causal_attention(q, k, v, self.mup, self.base_head_dim))
 
 
 class NNXFeedForward(nnx.Module):

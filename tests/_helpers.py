@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import pytest
 from flax import linen as nn
 from flax import nnx
 
@@ -134,12 +135,42 @@ def assert_trees_equal(actual, expected):
 
 
 # ---------------------------------------------------------------------------
+# Test tiers.
+# ---------------------------------------------------------------------------
+
+
+def default_tier(cases, keep, ids=str, unpack=False) -> list:
+  """``cases`` as ``pytest.param``s: those named in ``keep`` run in the default tier.
+
+  Every other case is marked ``slow``, so it runs in the slow tier
+  (``-m slow``) instead. CI runs both tiers, so the whole matrix still runs
+  there; the default tier keeps a representative of each test for a fast loop
+  (see README's Tests section). ``ids(case)`` names a case (its pytest id);
+  ``keep`` is a collection of those names, or ``all``. With ``unpack``, each
+  case is a tuple of the values of several arguments (``"name,width"``).
+
+  >>> [p.id for p in default_tier([1, 2, 3], keep={"2"}) if not p.marks]
+  ['2']
+  """
+  params = []
+  for case in cases:
+    name = ids(case)
+    fast = keep is all or name in keep
+    values = case if unpack else (case,)
+    params.append(pytest.param(*values, id=name, marks=() if fast else pytest.mark.slow))
+  unknown = set() if keep is all else set(keep) - {p.id for p in params}
+  if unknown:
+    raise ValueError(f"default_tier: keep names no case: {sorted(unknown)}")
+  return params
+
+
+# ---------------------------------------------------------------------------
 # Worker scripts with 8 virtual CPU devices (tests/_sharding*_worker.py).
 # ---------------------------------------------------------------------------
 
 
-def run_device_worker(worker, timeout_s: float = 900) -> dict:
-  """Runs a worker script in its own process with 8 virtual CPU devices.
+def run_device_worker(worker, timeout_s: float = 900, cases=()) -> dict:
+  """Runs a worker script (all its cases, or those named) in its own process with 8 virtual CPU devices.
 
   JAX fixes its device count at start-up, so the flag is never set in the test
   process. Returns ``{"results": {case: record}, "returncode": ..., "stderr":
@@ -161,7 +192,7 @@ def run_device_worker(worker, timeout_s: float = 900) -> dict:
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
   completed = subprocess.run(
-      [sys.executable, str(worker)], cwd=root, env=env, capture_output=True, text=True,
+      [sys.executable, str(worker), *cases], cwd=root, env=env, capture_output=True, text=True,
       timeout=timeout_s, check=False)
   results = {}
   for line in completed.stdout.splitlines():

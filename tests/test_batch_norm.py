@@ -210,6 +210,7 @@ def cnn_forward(variables, images):
   return CNN().apply(variables, images, train=True, mutable=["batch_stats"])
 
 
+@pytest.mark.slow  # trains a CNN on digits end to end
 def test_digits_cnn_accuracy_at_x_stale_vs_recomputed():
   sklearn = pytest.importorskip("sklearn.datasets")
   digits = sklearn.load_digits()

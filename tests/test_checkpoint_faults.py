@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sf_optax
 from sf_optax import CheckpointError
 from sf_optax import CheckpointManager
 from sf_optax import restore_checkpoint

@@ -55,7 +55,8 @@ def _is_flat(slopes):
   return all(abs(s) < 0.1 for (_, t), s in slopes.items() if t >= 2)
 
 
-def test_records_have_every_module_and_step():
+@pytest.mark.slow
+def test_records_have_every_module_and_step_and_plot(tmp_path):
   # The layout of the records, not flatness: two widths suffice.
   widths = WIDTHS[:2]
   records = coord_check.get_coord_data(
@@ -67,6 +68,14 @@ def test_records_have_every_module_and_step():
   readout_at_init = [r for r in records if r["module"] == "readout" and r["t"] == 1]
   assert all(r["l1"] == 0.0 for r in readout_at_init)  # zero-initialized readout
 
+  pytest.importorskip("matplotlib")
+  import matplotlib
+
+  matplotlib.use("Agg")
+  fig = coord_check.plot_coord_data(records, tmp_path / "coord.png", title="MLP")
+  assert (tmp_path / "coord.png").stat().st_size > 0
+  assert len(fig.axes) == 2
+
 
 def test_mup_is_flat_and_sp_grows():
   mup = _slopes(_mup_models())
@@ -75,7 +84,7 @@ def test_mup_is_flat_and_sp_grows():
   assert max(s for (_, t), s in sp.items() if t >= 2) > 0.3, sp
 
 
-# A second negative control (the default tier keeps the learning-rate one below).
+# The negative controls and the NNX models are in the slow tier.
 @pytest.mark.slow
 def test_removing_the_readout_multiplier_breaks_flatness():
   slopes = _slopes(_mup_models(readout_mult_removed=True))
@@ -83,6 +92,7 @@ def test_removing_the_readout_multiplier_breaks_flatness():
   assert slopes[("readout", 2)] > 0.3
 
 
+@pytest.mark.slow
 def test_removing_the_learning_rate_scaling_breaks_flatness():
   # μP init and readout, but plain Adam: hidden weights move lr per entry at every width.
   # (The zero readout passes them no gradient at the first step: they move at the second.)
@@ -91,7 +101,6 @@ def test_removing_the_learning_rate_scaling_breaks_flatness():
   assert slopes[("hidden", 3)] > 0.3
 
 
-# The default tier checks Schedule-Free AdamW's flatness on the NNX models (test_nnx_models).
 @pytest.mark.slow
 def test_schedule_free_adamw_with_mup_scales_is_flat():
   slopes = _slopes(_mup_models(), optimizer="schedule_free_adamw")
@@ -112,6 +121,7 @@ class NNXMLP(nnx.Module):
     return self.readout(nnx.relu(self.hidden(nnx.relu(self.input(x)))))
 
 
+@pytest.mark.slow
 def test_nnx_models():
   shapes = mup_flax.make_base_shapes(lambda: NNXMLP(BASE, nnx.Rngs(0)),
                                      lambda: NNXMLP(2 * BASE, nnx.Rngs(0)))
@@ -125,18 +135,6 @@ def test_nnx_models():
   assert _is_flat(_slopes(mup, optimizer="schedule_free_adamw"))
   sp = _slopes({w: (lambda seed, w=w: NNXMLP(w, nnx.Rngs(seed), mup=False)) for w in WIDTHS})
   assert max(s for (_, t), s in sp.items() if t >= 2) > 0.3, sp
-
-
-def test_plot_coord_data(tmp_path):
-  pytest.importorskip("matplotlib")
-  import matplotlib
-
-  matplotlib.use("Agg")
-  records = coord_check.get_coord_data(_mup_models(WIDTHS[:2]), _batches(), lr=LR, nsteps=2,
-                                       as_dataframe=False)
-  fig = coord_check.plot_coord_data(records, tmp_path / "coord.png", title="MLP")
-  assert (tmp_path / "coord.png").stat().st_size > 0
-  assert len(fig.axes) == 2
 
 
 def test_bad_arguments():

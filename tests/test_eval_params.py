@@ -13,6 +13,7 @@ import pytest
 import sf_optax
 
 from _helpers import assert_trees_close
+from _helpers import default_tier
 
 both_store_x = pytest.mark.parametrize("store_x", [True, False], ids=["store_x", "no_x"])
 
@@ -69,10 +70,10 @@ WRAPPERS = {
 # Finding the state does not depend on store_x, and reconstructing x does not
 # depend on the wrapper: store_x=False everywhere (x is rebuilt from the found
 # state's z and b1), and once store_x=True through every wrapper at once.
-@pytest.mark.parametrize(
-    "wrapper,store_x",
+@pytest.mark.parametrize("wrapper,store_x", default_tier(
     [(wrapper, False) for wrapper in WRAPPERS] + [("everything", True)],
-)
+    {"multi_steps-False", "everything-True"}, ids=lambda case: f"{case[0]}-{case[1]}",
+    unpack=True))
 def test_eval_params_finds_the_state_inside_wrappers(wrapper, store_x):
   tx = schedule_free(store_x)
 

@@ -24,6 +24,7 @@ import pytest
 import mup_flax
 import sf_optax
 
+from _helpers import default_tier
 from _helpers import relative_error
 
 FIXTURES = pathlib.Path(__file__).parent / "reference" / "fixtures" / "mup"
@@ -114,7 +115,10 @@ def transformer_setup(width):
 SETUPS = {"mlp": mlp_setup, "transformer": transformer_setup}
 CASES = [(name, width) for name in ("mlp", "transformer")
          for width in DOC["models"][name]["widths"]]
-CASE_IDS = [f"{name}-{width}" for name, width in CASES]
+# The default tier runs one width of each model, away from the base; the slow tier the others.
+DEFAULT_TIER = {"mlp-16", "transformer-8"}
+TIERED_CASES = default_tier(CASES, DEFAULT_TIER, ids=lambda case: f"{case[0]}-{case[1]}",
+                            unpack=True)
 
 
 def param_docs(name, width):
@@ -179,7 +183,7 @@ def annotated_init(name, width):
 # -- infinite/finite dims and multipliers --------------------------------------
 
 
-@pytest.mark.parametrize("name,width", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,width", TIERED_CASES)
 def test_infshapes_match_reference(name, width):
   _, variables, _, _, _ = annotated_init(name, width)
   infshapes = flat(mup_flax.get_infshapes(variables["params"]))
@@ -198,7 +202,7 @@ def test_infshapes_match_reference(name, width):
 
 
 @pytest.mark.parametrize("rule", ["adam", "sgd"])
-@pytest.mark.parametrize("name,width", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,width", TIERED_CASES)
 def test_multipliers_match_reference(name, width, rule):
   _, variables, _, _, _ = annotated_init(name, width)
   infshapes = mup_flax.get_infshapes(variables["params"])
@@ -220,7 +224,7 @@ def test_multipliers_match_reference(name, width, rule):
 # -- initialization --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,width", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,width", TIERED_CASES)
 def test_init_std_follows_reference_rescaling(name, width):
   """Sampled stds of MuP's init against Flax's default std times the reference's factor.
 
@@ -265,7 +269,7 @@ def test_init_std_follows_reference_rescaling(name, width):
 # -- forward: MuReadout and the whole model ------------------------------------------
 
 
-@pytest.mark.parametrize("name,width", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,width", TIERED_CASES)
 def test_mureadout_outputs_match_reference(name, width):
   model, _, _, example, _ = annotated_init(name, width)
   prefix = f"{name}/{width}"
@@ -277,7 +281,7 @@ def test_mureadout_outputs_match_reference(name, width):
   assert err <= TOLERANCE, err
 
 
-@pytest.mark.parametrize("name,width", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,width", TIERED_CASES)
 def test_losses_and_gradients_match_reference(name, width):
   """The Linen model equals the reference model: losses to 1e-10, gradients to
   float32 rounding (the fixture stores the gradients it fed rounded to float32)."""
@@ -324,8 +328,9 @@ OPTIMIZER_CASES = [(name, width, optimizer) for name, width in CASES
                    for optimizer in DOC["models"][name]["losses"][width]]
 
 
-@pytest.mark.parametrize("name,width,optimizer", OPTIMIZER_CASES,
-                         ids=[f"{n}-{w}-{o}" for n, w, o in OPTIMIZER_CASES])
+@pytest.mark.parametrize("name,width,optimizer", default_tier(
+    OPTIMIZER_CASES, {f"{n}-{w}-{o}" for n, w, o in OPTIMIZER_CASES if f"{n}-{w}" in DEFAULT_TIER},
+    ids=lambda case: "-".join(case), unpack=True))
 def test_optimizer_steps_match_reference(name, width, optimizer):
   """Five steps of mu_adam / mu_adamw / mu_sgd from the reference's weights and gradients."""
   prefix = f"{name}/{width}"

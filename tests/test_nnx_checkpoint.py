@@ -61,6 +61,7 @@ def assert_bitwise_equal(a, b):
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+@pytest.mark.slow  # test_checkpoint.py's NNX resume is the default tier's
 @pytest.mark.parametrize("store_x", [True, False])
 def test_restore_into_a_fresh_abstract_model_resumes_bitwise(tmp_path, store_x):
   model, optimizer = build(0, store_x)
@@ -89,6 +90,7 @@ def test_restore_into_a_fresh_abstract_model_resumes_bitwise(tmp_path, store_x):
                        pure(sf_optax.eval_model(model, optimizer)))
 
 
+@pytest.mark.slow
 def test_export_the_model_at_x_and_restore_it_for_inference(tmp_path):
   model, optimizer = build(0, True)
   for _ in range(STEPS):

@@ -12,6 +12,7 @@ import sf_optax
 
 from _helpers import NNXMLP
 from _helpers import assert_trees_equal
+from _helpers import default_tier
 
 X = jax.random.normal(jax.random.key(0), (16, 5))
 Y = jax.random.normal(jax.random.key(1), (16, 3))
@@ -52,7 +53,7 @@ def trained(tx, width=16, dtype=jnp.float32, steps=STEPS, **kw):
   return model, optimizer
 
 
-@pytest.mark.parametrize("store_x", [True, False])
+@pytest.mark.parametrize("store_x", default_tier([True, False], {"False"}))
 def test_equals_eval_params_of_the_functional_loop(x64, store_x):
   """x of the copy: eval_params of the same run done with plain optax (float64)."""
   tx = sf_optax.schedule_free_adamw(1e-2, weight_decay=1e-3, warmup_steps=2, store_x=store_x)
@@ -132,9 +133,10 @@ WRAPPERS = {
 }
 
 
-@pytest.mark.parametrize("wrapper, store_x", [
-    ("chain", True), ("chain", False), ("inject_hyperparams", False),
-    ("multi_steps", True), ("apply_if_finite", False)])
+@pytest.mark.parametrize("wrapper, store_x", default_tier(
+    [("chain", True), ("chain", False), ("inject_hyperparams", False),
+     ("multi_steps", True), ("apply_if_finite", False)],
+    {"multi_steps-True"}, ids=lambda case: f"{case[0]}-{case[1]}", unpack=True))
 def test_through_optax_wrappers(wrapper, store_x):
   if wrapper == "inject_hyperparams":
     tx = optax.inject_hyperparams(sf_optax.schedule_free_adamw)(
@@ -206,6 +208,7 @@ class BatchNormNet(nnx.Module):
     return self.out(self.drop(nnx.relu(self.norm(self.inp(x)))))
 
 
+@pytest.mark.slow  # trains a BatchNorm model, then recomputes its statistics
 def test_composes_with_recompute_batch_stats_nnx():
   model = BatchNormNet(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, sf_optax.schedule_free_adamw(1e-2), wrt=nnx.Param)

@@ -26,6 +26,7 @@ import optax
 import pytest
 
 import sf_optax
+from _helpers import default_tier
 
 FIXTURES = pathlib.Path(__file__).parent / "reference" / "fixtures" / "schedule_free_head"
 META = json.loads((FIXTURES / "cases.json").read_text())
@@ -299,12 +300,15 @@ def run(tx, data):
           jax.tree.map(np.asarray, logged))
 
 
-both_store_x = pytest.mark.parametrize("store_x", [True, False], ids=["store_x", "no_x"])
+# The default tier runs four cases (x stored, and one without); the slow tier the rest.
+DEFAULT_TIER = {"adamw_inner_09_warmup_wd_r_mask-store_x", "adamw_reference_inner_05_decay_at_z-no_x",
+                "plus_defaults-store_x", "plus_polyak_09_cwarmup_anneal_wd_r-store_x"}
 
 
 @pytest.mark.usefixtures("x64")
-@both_store_x
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name,store_x", default_tier(
+    [(name, store_x) for name in sorted(CASES) for store_x in (True, False)], DEFAULT_TIER,
+    ids=lambda case: f"{case[0]}-{'store_x' if case[1] else 'no_x'}", unpack=True))
 def test_matches_reference(name, store_x):
   case, data = CASES[name], load(name)
   ys, xs, logged = run(build(case, store_x=store_x), data)
@@ -336,7 +340,8 @@ PERTURBATIONS = {
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("perturbation", sorted(PERTURBATIONS))
+@pytest.mark.parametrize("perturbation", default_tier(sorted(PERTURBATIONS), {
+    "inner_momentum_ignored", "c_warmup_one_step_late", "polyak_b_ignored", "mask_ignored"}))
 def test_fixtures_detect_small_mistakes(perturbation):
   name, overrides = PERTURBATIONS[perturbation]
   data = load(name)

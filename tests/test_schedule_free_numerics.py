@@ -29,7 +29,7 @@ def dtype_id(dtype):
   return "None" if dtype is None else jnp.dtype(dtype).name
 
 
-@every_optimizer
+@every_optimizer(all)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=dtype_id)
 @pytest.mark.parametrize("state_dtype", [None, jnp.bfloat16, jnp.float32], ids=dtype_id)
 def test_bookkeeping_is_float32_or_wider(optimizer, dtype, state_dtype):
@@ -44,7 +44,7 @@ def test_bookkeeping_is_float32_or_wider(optimizer, dtype, state_dtype):
       assert getattr(s, name).dtype == jnp.float32, name
 
 
-@every_optimizer
+@every_optimizer(all)
 def test_bookkeeping_is_float32_under_inject_hyperparams_with_bf16_params(optimizer):
   # inject_hyperparams casts the hyperparameters to the params' dtype (bf16).
   tx = optax.inject_hyperparams(optimizer.factory)(learning_rate=0.1, b1=0.9)
@@ -216,7 +216,7 @@ def bf16_rounding(magnitude):
   return 0.5 * 2.0 ** (np.floor(np.log2(magnitude)) - 7)
 
 
-@every_optimizer
+@every_optimizer()
 def test_bf16_params_with_float32_state_follow_a_float32_run(optimizer):
   learning_rate = 0.05
   tx_bf16 = optimizer.factory(learning_rate, state_dtype=jnp.float32)

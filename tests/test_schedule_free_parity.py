@@ -20,6 +20,7 @@ import pytest
 
 import sf_optax
 
+from _helpers import default_tier
 from _helpers import trajectory_relative_error
 
 FIXTURES = pathlib.Path(__file__).parent / "reference" / "fixtures" / "schedule_free"
@@ -148,8 +149,19 @@ def describe_failures(errors, eval_steps):
   return "\n".join(lines)
 
 
-@pytest.mark.parametrize("store_x", [True, False], ids=["store_x", "no_x"])
-@pytest.mark.parametrize("name", sorted(CASES))
+# The default tier runs eleven cases, every optimizer of the family with and
+# without x stored; the slow tier the rest.
+DEFAULT_TIER = {
+    "adamw_warmup_wd-store_x", "adamw_schedule_warmup-store_x", "adamw_paper_warmup_wd-store_x",
+    "radam_wd_mask-store_x", "radam_silent-store_x", "sgd_warmup_wd_mask-store_x",
+    "wrapper_adam_l2_wd_at_y_r-store_x", "wrapper_sgd_momentum_wd_at_y-store_x",
+    "adamw_wd_mask_r1_b1_095-no_x", "sgd_b1_095_r05_power1_warmup-no_x", "wrapper_adam-no_x",
+}
+
+
+@pytest.mark.parametrize("name,store_x", default_tier(
+    [(name, store_x) for name in sorted(CASES) for store_x in (True, False)], DEFAULT_TIER,
+    ids=lambda case: f"{case[0]}-{'store_x' if case[1] else 'no_x'}", unpack=True))
 def test_matches_reference(name, store_x):
   case = CASES[name]
   data = load(name)
@@ -178,7 +190,8 @@ PERTURBATIONS = {
 }
 
 
-@pytest.mark.parametrize("perturbation", sorted(PERTURBATIONS))
+@pytest.mark.parametrize("perturbation", default_tier(sorted(PERTURBATIONS), {
+    "warmup_one_step_late", "mask_ignored", "silent_phase_flipped", "weight_decay_at_y_ignored"}))
 def test_fixtures_detect_small_mistakes(perturbation):
   name, overrides = PERTURBATIONS[perturbation]
   case = CASES[name]

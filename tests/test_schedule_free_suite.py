@@ -2,7 +2,8 @@
 
 Each test runs for every optimizer of the family (the built-ins, Adan,
 ScheduleFree+ and the wrapper around ``optax.sgd`` and ``optax.adam``) and both
-``store_x`` modes: the optimizer must behave like any Optax transformation
+``store_x`` modes (the default tier runs a representative of each test, the
+slow tier the rest: ``every_case``): the optimizer must behave like any Optax transformation
 inside the usual wrappers (``chain``, ``inject_hyperparams``, ``MultiSteps``,
 ``apply_if_finite``, ``lax.cond``, ``jit`` with donation). See
 ``../shared/STYLE.md``. Every update is given the loss as the extra argument
@@ -24,6 +25,7 @@ import optax
 import pytest
 
 import sf_optax
+from _helpers import default_tier
 
 
 def schedule_free_around_sgd(
@@ -85,7 +87,31 @@ OPTIMIZERS = [
     Optimizer("plus", _plus_for_noiseless_problems, 1.0, 1.0),
 ]
 
-every_optimizer = pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=str)
+
+
+def every_optimizer(*also):
+  """Parametrizes a test over ``OPTIMIZERS``.
+
+  The default tier runs ``adamw`` and the optimizers named in ``also`` (or
+  every optimizer, with ``also=(all,)``); the other cases run in the slow
+  tier.
+  """
+  keep = all if all in also else {"adamw", *also}
+  return pytest.mark.parametrize("optimizer", default_tier(OPTIMIZERS, keep))
+
+
+def every_case(*also):
+  """Parametrizes a test over ``OPTIMIZERS`` and both ``store_x`` modes.
+
+  The default tier runs ``adamw`` with x stored and the optimizers named in
+  ``also`` without it; the other cases run in the slow tier.
+  """
+  cases = [(optimizer, store_x) for optimizer in OPTIMIZERS for store_x in (True, False)]
+  keep = {"adamw-store_x", *(f"{name}-no_x" for name in also)}
+  return pytest.mark.parametrize("optimizer,store_x", default_tier(
+      cases, keep, ids=lambda case: f"{case[0]}-{'store_x' if case[1] else 'no_x'}", unpack=True))
+
+
 both_store_x = pytest.mark.parametrize("store_x", [True, False], ids=["store_x", "no_x"])
 
 
@@ -155,8 +181,7 @@ def avals(tree):
   return jax.tree.map(aval, tree)
 
 
-@every_optimizer
-@both_store_x
+@every_case("sgd")
 def test_extra_args_accepted(optimizer, store_x):
   tx = optimizer.factory(0.1, store_x=store_x)
   params = make_params()
@@ -173,8 +198,7 @@ def test_extra_args_accepted(optimizer, store_x):
     assert_trees_equal(updates, expected)
 
 
-@every_optimizer
-@both_store_x
+@every_case("adamw_paper")
 def test_no_retrace_on_second_call(optimizer, store_x):
   tx = optimizer.factory(0.1, store_x=store_x)
   traces = []
@@ -204,8 +228,7 @@ def rosenbrock(params):
   return jnp.sum(100.0 * (params[1:] - params[:-1] ** 2) ** 2 + (1.0 - params[:-1]) ** 2)
 
 
-@every_optimizer
-@both_store_x
+@every_case("sgd", "plus")
 def test_converges_on_parabola_and_rosenbrock(optimizer, store_x):
   def final_x(tx, objective, params, steps):
     def step(carry, _):
@@ -235,8 +258,7 @@ def test_converges_on_parabola_and_rosenbrock(optimizer, store_x):
   np.testing.assert_allclose(x_rosenbrock, jnp.ones(2), atol=2e-2)
 
 
-@every_optimizer
-@both_store_x
+@every_case("adan")
 def test_inject_hyperparams_equals_plain(optimizer, store_x):
   hyperparams = dict(learning_rate=0.05, b1=0.8, weight_decay=0.1, warmup_steps=4)
   plain = optimizer.factory(**hyperparams, store_x=store_x)
@@ -254,8 +276,7 @@ def test_inject_hyperparams_equals_plain(optimizer, store_x):
   assert_trees_equal(xs_injected, xs_plain)
 
 
-@every_optimizer
-@both_store_x
+@every_case("wrapper_sgd")
 def test_multisteps_updates_only_when_it_fires(optimizer, store_x):
   every_k, fires = 3, 6  # RAdam's first four steps are silent: six fires.
   tx = optimizer.factory(0.1, store_x=store_x, weight_decay=0.1)
@@ -310,8 +331,7 @@ def same_bits(tree, other):
   return jnp.all(jnp.stack([jnp.asarray(True), *jax.tree.leaves(same)]))
 
 
-@every_optimizer
-@both_store_x
+@every_case("plus")
 def test_apply_if_finite_skips_a_nan_step(optimizer, store_x):
   tx = optimizer.factory(0.1, store_x=store_x, weight_decay=0.1)
   guarded = optax.apply_if_finite(tx, max_consecutive_errors=2)
@@ -347,8 +367,7 @@ def test_apply_if_finite_skips_a_nan_step(optimizer, store_x):
   assert_trees_equal(final_y, expected_y)
 
 
-@every_optimizer
-@both_store_x
+@every_case("wrapper_adam")
 def test_lax_cond_keeps_the_state_types(optimizer, store_x):
   tx = optimizer.factory(0.1, store_x=store_x)
   params = make_params()
@@ -376,7 +395,7 @@ def test_lax_cond_keeps_the_state_types(optimizer, store_x):
   assert avals(updated) == avals(state)
 
 
-@every_optimizer
+@every_optimizer(all)
 @both_store_x
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("state_dtype", [None, jnp.float32], ids=["state_like_params", "state_f32"])
@@ -395,7 +414,7 @@ def test_updates_keep_the_params_dtype(optimizer, store_x, dtype, state_dtype):
   assert jax.tree.map(lambda leaf: leaf.dtype, x) == jax.tree.map(lambda p: p.dtype, params)
 
 
-@every_optimizer
+@every_optimizer(all)
 @both_store_x
 def test_init_on_shape_dtype_struct(optimizer, store_x):
   tx = optimizer.factory(0.1, store_x=store_x)
@@ -405,8 +424,7 @@ def test_init_on_shape_dtype_struct(optimizer, store_x):
   assert avals(abstract) == avals(tx.init(params))
 
 
-@every_optimizer
-@both_store_x
+@every_case("radam")
 def test_buffers_can_be_donated(optimizer, store_x):
   tx = optimizer.factory(0.1, store_x=store_x, weight_decay=0.1)
 
@@ -430,8 +448,7 @@ def test_buffers_can_be_donated(optimizer, store_x):
   assert all(leaf.is_deleted() for leaf in donated if leaf.ndim)
 
 
-@every_optimizer
-@both_store_x
+@every_case("plus")
 def test_constant_schedule_equals_float(optimizer, store_x):
   kwargs = dict(store_x=store_x, weight_decay=0.1, warmup_steps=3)
   with_float = optimizer.factory(0.05, **kwargs)

@@ -5,7 +5,7 @@ started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (JAX fixes
 its device count at start-up, so the flag is never set in this process). Each
 test here asserts on its case's line of the worker's output. Under
 pytest-xdist the worker still runs once: the first xdist worker to need it
-writes the results to a file the others read.
+writes the results to a file the others read. Every test here is in the slow tier.
 
 Run alone: ``python -m pytest tests/test_sharding.py -q``, or the worker itself:
 ``python tests/_sharding_worker.py [CASE ...]``.
@@ -20,6 +20,8 @@ import pytest
 
 from _helpers import run_device_worker
 from _helpers import worker_case
+
+pytestmark = pytest.mark.slow  # a subprocess with 8 devices: the slow tier
 
 WORKER = pathlib.Path(__file__).with_name("_sharding_worker.py")
 TIMEOUT_S = 900

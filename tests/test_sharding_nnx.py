@@ -3,6 +3,7 @@
 The cases live in ``tests/_sharding_nnx_worker.py`` and run in one child process
 with 8 virtual CPU devices (JAX fixes its device count at start-up), as in
 ``tests/test_sharding.py``. Run alone: ``python -m pytest tests/test_sharding_nnx.py``.
+The worker's tests are in the slow tier (``-m slow``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import pytest
 
 from _helpers import run_device_worker
 from _helpers import worker_case
+
+pytestmark = pytest.mark.slow  # a subprocess with 8 devices: the slow tier
 
 WORKER = pathlib.Path(__file__).with_name("_sharding_nnx_worker.py")
 TIMEOUT_S = 900

@@ -5,6 +5,7 @@ with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (see
 ``tests/test_sharding.py``, whose worker helpers it reuses). Run alone:
 ``python -m pytest tests/test_sharding_plus.py -q``, or the worker itself:
 ``python tests/_sharding_plus_worker.py [CASE ...]``.
+The worker's tests are in the slow tier (``-m slow``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 
 from _helpers import run_device_worker
 from _helpers import worker_case
+
+pytestmark = pytest.mark.slow  # a subprocess with 8 devices: the slow tier
 
 WORKER = pathlib.Path(__file__).with_name("_sharding_plus_worker.py")
 TIMEOUT_S = 900

@@ -178,8 +178,12 @@ def averaging_step(
   corrected = weight - weight_sum_compensation
   total = weight_sum + corrected
   compensation = (total - weight_sum) - corrected
-  safe_total = jnp.where(total > 0, total, 1)
-  c = jnp.where(total > 0, weight / safe_total, 0)
+  # c = weight / total, 0 while the total is 0. Selecting before dividing gives the
+  # same value, and makes the division the last operation: XLA computes an
+  # expensive scalar once, where it copies a cheap one (the select) into every
+  # leaf's kernel (thousands of leaves: that much more to compile).
+  positive = total > 0
+  c = jnp.where(positive, weight, 0) / jnp.where(positive, total, 1)
   return Averaging(
       c=c.astype(dtype),
       weight_sum=total.astype(dtype),

@@ -66,9 +66,12 @@ def schedule_free_adan(
     >>> distance = lambda p: jnp.sum((p - jnp.array([1.0, -2.0])) ** 2)
     >>> params = jnp.zeros(2)
     >>> state = tx.init(params)
-    >>> for _ in range(200):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = tx.update(jax.grad(distance)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
     >>> print(type(state.base_state).__name__, bool(distance(sf_optax.eval_params(state, params)) < 1e-2))
     AdanState True
 

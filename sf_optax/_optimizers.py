@@ -43,10 +43,13 @@ def schedule_free_sgd(
     >>> tx = sf_optax.schedule_free_sgd(0.1)
     >>> params = jnp.array([1.0, -2.0])
     >>> state = tx.init(params)
-    >>> for _ in range(100):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   grads = jax.grad(lambda p: jnp.sum(p ** 2))(params)
     ...   updates, state = tx.update(grads, state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(100):
+    ...   params, state = step(params, state)
     >>> x = sf_optax.eval_params(state, params)
     >>> bool(jnp.all(jnp.abs(x) < 0.1))
     True
@@ -107,9 +110,12 @@ def schedule_free_adamw(
     >>> params = {"w": jnp.array([1.0, -2.0])}
     >>> state = tx.init(params)
     >>> loss = lambda p: jnp.sum(p["w"] ** 2)
-    >>> for _ in range(200):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
     >>> bool(loss(sf_optax.eval_params(state, params)) < 1e-2)
     True
 
@@ -253,10 +259,14 @@ def schedule_free_plus(
 
     eta_k &= 1 - (1 - eta)^{1 - p_k} (1 - eta_{\max})^{p_k}, \quad
       p_k = \min(k / K, 1) \
-    e_k &= rac{ho\, e_{k-1} + (1 - ho) \sqrt{\pi / 2}\, \|g\|_1}{1 - ho^{k+1}}
+    e_k &= rac{
+ho\, e_{k-1} + (1 - 
+ho) \sqrt{\pi / 2}\, \|g\|_1}{1 - 
+ho^{k+1}}
       \
     \gamma_k &= \max(\eta_k, \epsilon)\,
-      rac{\max(0,\ f + eta_k \langle g, z - x angle)}{e_k} \
+      rac{\max(0,\ f + eta_k \langle g, z - x 
+angle)}{e_k} \
     z &\leftarrow z - \gamma_k^2 \lambda\, y
       - \gamma_k rac{m_k / (1 - b_1^{k+1})}{\sqrt{v_k / (1 - b_2^{k+1})} + \epsilon}
       \
@@ -264,7 +274,8 @@ def schedule_free_plus(
     y = eta_k x + (1 - eta_k) z,
 
   with :math:`eta` = ``sf_b1``, :math:`eta_{\max}` = ``sf_b1_max``, K =
-  ``sf_b1_anneal_steps`` (no annealing when 0), :math:`ho` = ``polyak_b``,
+  ``sf_b1_anneal_steps`` (no annealing when 0), :math:`
+ho` = ``polyak_b``,
   :math:`\eta_k` the learning rate (a multiplier of the Polyak rate, 1 by
   default), m and v Adam's averages of g and g² (``b1``, ``b2``). The weight
   decay is AdamC's: it scales with the square of the step size, so its values
@@ -275,8 +286,10 @@ def schedule_free_plus(
 
   As in the reference, the bias-corrected L1 estimate :math:`e_k` is what is
   kept for the next step (``group['grad_l1_ema'] = grad_l1_ema_corr``): with
-  ``polyak_b`` > 0 the division by :math:`1 - ho^{k+1}` compounds over the
-  first steps (with :math:`ho = 0.9` the estimate reaches about 4000 times
+  ``polyak_b`` > 0 the division by :math:`1 - 
+ho^{k+1}` compounds over the
+  first steps (with :math:`
+ho = 0.9` the estimate reaches about 4000 times
   the gradient's size around step 20 for a constant gradient, then decays back),
   which makes the first steps short. This is matched, not corrected.
 
@@ -342,10 +355,13 @@ def schedule_free_plus(
     >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
     >>> loss_fn = lambda p: jnp.sum((p["w"] - 0.5) ** 2)
     >>> opt_state = tx.init(params)
-    >>> for _ in range(100):
+    >>> @jax.jit
+    ... def step(params, opt_state):
     ...   loss, grads = jax.value_and_grad(loss_fn)(params)
     ...   updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), opt_state
+    >>> for _ in range(100):
+    ...   params, opt_state = step(params, opt_state)
     >>> x = sf_optax.eval_params(opt_state, params)
     >>> bool(loss_fn(x) < 1e-2 * loss_fn({"w": jnp.array([1.0, -2.0, 3.0])}))
     True

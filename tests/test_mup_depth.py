@@ -10,6 +10,7 @@ from flax import nnx
 
 import mup_flax
 import sf_optax
+from _helpers import default_tier
 
 
 def params_tree():
@@ -127,7 +128,7 @@ def test_multiply_scales():
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("alpha", default_tier([0.5, 1.0], {"1.0"}))
 def test_first_adam_step_closed_form(alpha):
   """Adam's first step is -lr * g / (|g| + eps): with depth, -lr m^(a-1) g / (|g| + eps m^-a)."""
   lr, eps, m = 0.1, 1e-3, 4.0
@@ -144,7 +145,7 @@ def test_first_adam_step_closed_form(alpha):
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("alpha", default_tier([0.5, 1.0], {"0.5"}))
 def test_depth_scaled_adamw_is_adamw_per_parameter_group(alpha):
   """== optax.adamw with lr m^(a-1), eps m^-a on the blocks (PyTorch param groups), 30 steps."""
   lr, eps, wd, m = 0.05, 1e-4, 0.1, 4.0
@@ -168,7 +169,9 @@ def test_depth_scaled_adamw_is_adamw_per_parameter_group(alpha):
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("factory", [sf_optax.schedule_free_adamw, sf_optax.schedule_free_adan])
+@pytest.mark.parametrize("factory", default_tier(
+    [sf_optax.schedule_free_adamw, sf_optax.schedule_free_adan], {"schedule_free_adamw"},
+    ids=lambda factory: factory.__name__))
 def test_schedule_free_with_scaled_eps_and_lr_scales(factory):
   """scale_eps + lr_scales == the same optimizer built with eps * s and the lr scales."""
   lr, eps, s = 0.05, 1e-3, 0.25

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from flax.training import train_state
 
@@ -91,6 +92,7 @@ class BNMLP(nn.Module):
     return nn.Dense(3)(x)
 
 
+@pytest.mark.slow  # the default tier: test_batch_norm.py and the loops without BatchNorm
 def test_linen_train_state_with_batch_norm():
   model = BNMLP()
   variables = model.init(jax.random.key(2), X, train=False)
@@ -130,6 +132,7 @@ def test_linen_train_state_with_batch_norm():
   assert abs(loss_at(x, state.batch_stats) - full_batch) > 1e-3  # stale ones differ
 
 
+@pytest.mark.slow  # the default tier: the NNX muP loop
 def test_linen_mup_train_state_loop():
   model = mup_flax.MuP(MuMLP(128), base=MuMLP(16), delta=MuMLP(32))
   params = model.init(jax.random.key(2), X)["params"]  # boxed: InfShapeBox leaves

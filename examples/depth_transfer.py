@@ -1,4 +1,4 @@
-"""Learning-rate transfer across depth: a char-level Transformer with 2..16 blocks.
+"""Learning-rate transfer across depth: a char-level Transformer with 2..8 blocks (or more).
 
 For each depth and each parametrization, AdamW (warmup + cosine) is trained at
 every learning rate of a log2 grid; the plot shows the validation loss against
@@ -17,7 +17,7 @@ Width is fixed, so μP's width rules play no part. Every learning rate of one
 
 Usage::
 
-  python examples/depth_transfer.py            # defaults: about 7 CPU-minutes (2 cores)
+  python examples/depth_transfer.py            # defaults (5 seeds, depths 2..8): ~8 CPU-minutes
   python examples/depth_transfer.py --help
 
 Writes ``depth_transfer.png`` and ``depth_transfer.json`` under ``--out``.
@@ -106,19 +106,25 @@ def make_optimizer(lr, *, alpha, depth, base_depth, params, steps, warmup, eps, 
   return mup_flax.depth_scaled(adamw, scales)
 
 
-def sweep(depth, alpha, lrs, data, args, bar):
-  """Final validation loss for every learning rate (vmapped): shape (len(lrs),)."""
+def sweep(depth, alpha, lrs, seeds, data, args, bar):
+  """Final validation and training loss of every (learning rate, seed): shape (len(lrs), len(seeds)).
+
+  Seed ``s`` fixes the initialization (key ``s``) and the batches (key ``s + 1``);
+  every learning rate sees the same ones.
+  """
   multiplier = 1.0 if alpha is None else mup_flax.depth_multiplier(depth, args.base_depth, alpha)
   model = CharTransformer(width=args.width, depth=depth, heads=args.heads,
                           max_length=args.seq_len, branch_multiplier=multiplier)
   train_tokens, val_inputs, val_targets = data
-  params = model.init(jax.random.key(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))["params"]
+  example = jnp.zeros((1, args.seq_len), jnp.int32)
+  structure = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
   tx_for = lambda lr: make_optimizer(  # noqa: E731
-      lr, alpha=alpha, depth=depth, base_depth=args.base_depth, params=params, steps=args.steps,
+      lr, alpha=alpha, depth=depth, base_depth=args.base_depth, params=structure, steps=args.steps,
       warmup=args.warmup, eps=args.eps, weight_decay=args.weight_decay)
 
-  def train_one(lr):
+  def train_one(lr, seed):
     tx = tx_for(lr)
+    params = model.init(jax.random.key(seed), example)["params"]
 
     def step(carry, key):
       p, state = carry
@@ -127,14 +133,17 @@ def sweep(depth, alpha, lrs, data, args, bar):
       updates, state = tx.update(grads, state, p)
       return (optax.apply_updates(p, updates), state), loss
 
-    keys = jax.random.split(jax.random.key(args.seed + 1), args.steps)
+    keys = jax.random.split(jax.random.key(seed + 1), args.steps)
     (p, _), losses = jax.lax.scan(step, (params, tx.init(params)), keys)
     val = jax.vmap(lambda x, y: lm_loss(model, p, x, y))(val_inputs, val_targets).mean()
     return val, losses[-args.steps // 10:].mean()
 
-  val, train = jax.jit(jax.vmap(train_one))(jnp.asarray(lrs, jnp.float32))
-  val, train = np.asarray(val), np.asarray(train)  # waits for the computation
-  bar.update(depth * len(lrs) * args.steps)
+  lr_flat = jnp.asarray([lr for lr in lrs for _ in seeds], jnp.float32)
+  seed_flat = jnp.asarray([s for _ in lrs for s in seeds], jnp.uint32)
+  val, train = jax.jit(jax.vmap(train_one))(lr_flat, seed_flat)
+  shape = (len(lrs), len(seeds))
+  val, train = np.asarray(val).reshape(shape), np.asarray(train).reshape(shape)  # waits
+  bar.update(depth * len(lrs) * len(seeds) * args.steps)
   return val, train
 
 
@@ -152,12 +161,12 @@ def parse_args(argv):
       description="LR sweep across depths of a char-level Transformer, with and without"
                   " depth-μP / CompleteP scaling (mup_flax.depth_scales).")
   _common.add_common_args(parser, "out/depth_transfer")
-  parser.add_argument("--depths", default="2,4,8,16", help="blocks (default: %(default)s)")
+  parser.add_argument("--depths", default="2,4,8", help="blocks (default: %(default)s)")
   parser.add_argument("--base-depth", type=int, default=2, help="L0 (default: %(default)s)")
   parser.add_argument("--parametrizations", default="standard,CompleteP",
                       help=f"any of {','.join(PARAMETRIZATIONS)} (default: %(default)s)")
-  parser.add_argument("--lrs", default=",".join(f"{2.0**k:g}" for k in range(-10, -2)),
-                      help="learning-rate grid (default: 2^-10 .. 2^-3)")
+  parser.add_argument("--lrs", default=",".join(f"{2.0**k:g}" for k in range(-7, -3)),
+                      help="learning-rate grid (default: 2^-7 .. 2^-4)")
   parser.add_argument("--steps", type=int, default=300, help="(default: %(default)s)")
   parser.add_argument("--warmup", type=int, default=30, help="(default: %(default)s)")
   parser.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
@@ -167,7 +176,9 @@ def parse_args(argv):
   parser.add_argument("--eps", type=float, default=1e-8, help="AdamW eps at base depth (default: %(default)s)")
   parser.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
   parser.add_argument("--val-batches", type=int, default=8, help="(default: %(default)s)")
-  parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+  parser.add_argument("--seeds", type=int, default=5,
+                      help="seeds 0..N-1 per (depth, lr); the optimum is chosen on their mean"
+                           " (default: %(default)s)")
   return parser.parse_args(argv)
 
 
@@ -185,34 +196,50 @@ def main(argv=None):
   val_inputs, val_targets = _common.fixed_char_batches(val_tokens, args.val_batches,
                                                        args.batch_size, args.seq_len)
   data = (jnp.asarray(train_tokens), jnp.asarray(val_inputs), jnp.asarray(val_targets))
-  total = sum(depths) * len(names) * len(lrs) * args.steps
+  seeds = list(range(args.seeds))
+  total = sum(depths) * len(names) * len(lrs) * len(seeds) * args.steps
   results = {}
+  ddof = 1 if len(seeds) > 1 else 0
   with _common.progress(total, "depth sweep (block-steps)", args.no_progress) as bar:
     for name in names:
       results[name] = {}
       for depth in depths:
-        val, train = sweep(depth, PARAMETRIZATIONS[name], lrs, data, args, bar)
-        best_lr, best_loss = optimum(lrs, val)
-        results[name][str(depth)] = dict(val_loss=val, train_loss=train, best_lr=best_lr,
-                                         best_val_loss=best_loss)
+        val, train = sweep(depth, PARAMETRIZATIONS[name], lrs, seeds, data, args, bar)
+        mean = val.mean(-1)  # a diverged seed makes its learning rate's mean inf/nan
+        best_lr, best_loss = optimum(lrs, mean)
+        pick = int(np.argmin(np.where(np.isfinite(mean), mean, np.inf)))
+        results[name][str(depth)] = dict(
+            val_loss=mean, val_loss_std=val.std(-1, ddof=ddof), val_loss_seeds=val,
+            train_loss=train.mean(-1), best_lr=best_lr, best_val_loss=best_loss,
+            best_val_loss_std=float(val[pick].std(ddof=ddof)),
+            best_lr_per_seed=[optimum(lrs, val[:, i])[0] for i in range(len(seeds))])
 
-  print("\nOptimal learning rate (validation loss) per depth:")
-  print("  parametrization | " + " | ".join(f"L={d:<2d}" + " " * 14 for d in depths))
+  print(f"\nOptimal learning rate per depth, chosen on the validation loss averaged over"
+        f" {len(seeds)} seeds (mean ± std there):")
+  print("  parametrization | " + " | ".join(f"L={d:<2d}" + " " * 22 for d in depths))
   for name in names:
-    cells = [f"{results[name][str(d)]['best_lr']:.2e} ({results[name][str(d)]['best_val_loss']:.3f})"
-             for d in depths]
+    cells = [f"{r['best_lr']:.2e} ({r['best_val_loss']:.3f} ± {r['best_val_loss_std']:.3f})"
+             for r in (results[name][str(d)] for d in depths)]
     print(f"  {name:15s} | " + " | ".join(cells))
-  shifts = {}
+  shifts, seed_shifts = {}, {}
   for name in names:
     best = [results[name][str(d)]["best_lr"] for d in depths]
     shifts[name] = float(np.log2(np.nanmax(best) / np.nanmin(best))) if np.all(np.isfinite(best)) else None
-    print(f"  {name}: optimum spans {shifts[name]} octaves over depths {depths}")
+    per_seed = np.asarray([results[name][str(d)]["best_lr_per_seed"] for d in depths])  # (depths, seeds)
+    seed_shifts[name] = [float(np.log2(np.nanmax(c) / np.nanmin(c))) if np.all(np.isfinite(c)) else None
+                         for c in per_seed.T]
+    print(f"  {name}: optimum of the mean spans {shifts[name]} octaves over depths {depths};"
+          f" per seed: {seed_shifts[name]}")
 
   summary = dict(
       config=vars(args) | dict(depths=depths, lrs=lrs, parametrizations=names),
       **record,
       results=results,
       optimum_span_octaves=shifts,
+      optimum_span_octaves_per_seed=seed_shifts,
+      protocol=(f"AdamW + warmup-cosine, {args.steps} steps; seeds 0..{len(seeds) - 1} (init and"
+                " batches); validation loss at the end; each depth's optimum is the grid point"
+                " with the lowest validation loss averaged over the seeds"),
       seconds=elapsed(),
       cpu_seconds=cpu(),
   )
@@ -238,7 +265,8 @@ def plot(summary, out):
     for depth, color in zip(depths, colors):
       run = summary["results"][name][str(depth)]
       val = np.asarray(run["val_loss"], float)
-      ax.plot(lrs, val, "o-", color=color, ms=4, label=f"{depth} blocks")
+      std = np.asarray(run.get("val_loss_std", np.zeros_like(val)), float)
+      ax.errorbar(lrs, val, yerr=std, fmt="o-", color=color, ms=4, capsize=2, label=f"{depth} blocks")
       if np.isfinite(run["best_lr"]):
         ax.plot([run["best_lr"]], [run["best_val_loss"]], "*", color=color, ms=14, mec="black")
     ax.set_xscale("log", base=2)
@@ -248,7 +276,9 @@ def plot(summary, out):
     ax.set_ylim(low - 0.03, low + 0.7)
   axes[0][0].set_ylabel("validation loss (nats/char)")
   axes[0][0].legend(fontsize=8)
-  fig.suptitle("char-level Transformer, AdamW + cosine: stars mark each depth's optimum", fontsize=10)
+  seeds = summary["config"]["seeds"]
+  fig.suptitle(f"char-level Transformer, AdamW + cosine: mean ± std over {seeds} seeds;"
+               " stars mark each depth's optimum (of the mean)", fontsize=10)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "depth_transfer.png"), dpi=120)
   plt.close(fig)

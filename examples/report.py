@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -76,6 +77,92 @@ def mutransfer_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+ADAN_LABELS = {"schedule_free_adan": "Schedule-Free Adan", "adan_cosine": "Adan + cosine",
+               "schedule_free_adamw": "Schedule-Free AdamW"}
+
+
+def _verdict(name: str) -> str:
+  return "tie" if name == "tie" else f"**{ADAN_LABELS.get(name, name)}**"
+
+
+def adan_table(results: dict) -> str:
+  """Per task: chosen lr, test loss (and accuracy) mean ± std over seeds, and the verdicts."""
+  lines = [f"`{results['command']}`", ""]
+  for task, result in results["results"].items():
+    optimizers = result["optimizers"]
+    acc = "test_acc" in optimizers["adan_cosine"]
+    lines += [f"{task} ({result['steps']} steps, {result['seeds']} seeds; lr grid"
+              f" {', '.join(f'{lr:g}' for lr in result['lrs'])}, chosen on the mean validation"
+              " loss at the end; test split, mean ± std)", "",
+              "| optimizer | lr | test loss" + (" | test accuracy" if acc else "") + " |",
+              "|---|---|---" + ("|---" if acc else "") + "|"]
+    for name, label in ADAN_LABELS.items():
+      r = optimizers[name]
+      cells = [label, f"{r['chosen_lr']:g}", f"{r['test_loss']:.4f} ± {r['test_loss_std']:.4f}"]
+      if acc:
+        cells.append(f"{100 * r['test_acc']:.2f} ± {100 * r['test_acc_std']:.2f}%")
+      lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for pair, by_metric in result["verdicts"].items():
+      a, b = pair.split("_vs_")
+      lines.append(f"- {ADAN_LABELS[a]} vs {ADAN_LABELS[b]}: better "
+                   + ", ".join(f"{m.replace('test_', '')} {_verdict(v)}" for m, v in by_metric.items()))
+    lines.append("")
+  return "\n".join(lines)
+
+
+def depth_table(results: dict) -> str:
+  """Per parametrization and depth: the optimum of the mean over seeds and its loss."""
+  config = results["config"]
+  depths, names = config["depths"], config["parametrizations"]
+  lines = [f"`{results['command']}` ({config['seeds']} seeds, {config['steps']} steps; lr grid"
+           f" {', '.join(f'2^{round(math.log2(lr))}' for lr in config['lrs'])};"
+           " validation loss in nats/char, mean ± std over seeds)", "",
+           "| parametrization | " + " | ".join(f"{d} blocks" for d in depths)
+           + " | optimum spans (octaves): mean, per seed |",
+           "|---" * (len(depths) + 2) + "|"]
+  for name in names:
+    cells = []
+    for d in depths:
+      r = results["results"][name][str(d)]
+      cells.append(f"2^{round(math.log2(r['best_lr']))}: {r['best_val_loss']:.3f}"
+                   f" ± {r['best_val_loss_std']:.3f}")
+    per_seed = results.get("optimum_span_octaves_per_seed", {}).get(name, [])
+    cells.append(f"{results['optimum_span_octaves'][name]:g}; "
+                 + ", ".join(f"{v:g}" for v in per_seed))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def lr_free_table(results: dict) -> str:
+  config = results["config"]
+  lines = [f"`{results['command']}` ({config['seeds']} seeds, {config['steps']} steps; test loss at"
+           " the end, mean ± std)", "",
+           "| task | Schedule-Free AdamW, tuned: lr (grid) | test loss | ScheduleFree+, untuned"
+           " | test loss | better |", "|---|---|---|---|---|---|"]
+  grids = {"digits": config["digits_lrs"], "char_lm": config["lm_lrs"]}
+  for task, r in results["tasks"].items():
+    better = {"tie": "tie", "schedule_free_adamw_tuned": "**Schedule-Free AdamW, tuned**",
+              "schedule_free_plus": "**ScheduleFree+**"}[r["better"]]
+    lines.append(f"| {task} | {r['adamw_chosen_lr']:g} ({grids[task]}) |"
+                 f" {r['adamw']['test_loss_mean'][-1]:.4f} ± {r['adamw']['test_loss_std'][-1]:.4f} |"
+                 f" lr 1.0 | {r['plus']['test_loss_mean'][-1]:.4f} ± {r['plus']['test_loss_std'][-1]:.4f}"
+                 f" | {better} |")
+  return "\n".join(lines) + "\n"
+
+
+def batch_norm_table(results: dict) -> str:
+  final = results["final"]
+  steps = results["runs"][0]["rows"][-1]["step"]
+  return (f"`{results['command']}` ({len(results['runs'])} seeds, test accuracy after {steps}"
+          " steps, mean ± std)\n\n| api | y, stale | x, stale | x, recomputed | better at x |\n"
+          "|---|---|---|---|---|\n"
+          f"| {results['args']['api']} | "
+          + " | ".join(f"{final[k]['mean']:.3f} ± {final[k]['std']:.3f}"
+                       for k in ("acc_y_stale", "acc_x_stale", "acc_x_recomputed"))
+          + f" | {results['better_at_x']} |\n")
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   folder = pathlib.Path(argv[0] if argv else "docs")
@@ -86,6 +173,14 @@ def main(argv=None):
       continue
     if "table" in results and "chosen_lrs" in results:
       print(f"## {path.name}\n\n{comparison_table(results)}\n")
+    elif path.stem == "adan_comparison":
+      print(f"## {path.name}\n\n{adan_table(results)}")
+    elif path.stem == "depth_transfer":
+      print(f"## {path.name}\n\n{depth_table(results)}")
+    elif path.stem == "lr_free":
+      print(f"## {path.name}\n\n{lr_free_table(results)}")
+    elif path.stem.startswith("batch_norm_digits"):
+      print(f"## {path.name}\n\n{batch_norm_table(results)}")
     elif "models" in results and "mup" in next(iter(results["models"].values())):
       if "best_log2_lr" in next(iter(results["models"].values()))["mup"]:
         print(f"## {path.name}\n\n{mutransfer_table(results)}")

@@ -30,3 +30,6 @@ def test_lr_free(tmp_path):
   assert digits["adamw_chosen_lr"] in (0.003, 0.01)
   assert len(digits["plus"]["final_test_loss"]) == 2
   assert len(digits["plus"]["test_loss_mean"]) == 3  # steps 0, 2, 4
+  assert digits["better"] in ("tie", "schedule_free_adamw_tuned", "schedule_free_plus")
+  assert saved["command"].startswith("python examples/lr_free.py")
+  assert "cpu_model" in saved["environment"]

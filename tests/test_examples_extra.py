@@ -6,6 +6,7 @@ marked slow (``python -m pytest -m slow``). The library pieces they exercise
 have their own fast tests.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -38,18 +39,31 @@ def test_adan_comparison(tmp_path):
   _run("adan_comparison", tmp_path, "--digits-steps", "4", "--lm-steps", "4", "--eval-every", "2",
        "--digits-lrs", "0.01", "--lm-lrs", "0.01", "--width", "8", "--depth", "1",
        "--seq-len", "8", "--lm-batch-size", "2", "--eval-batches", "1", "--warmup", "2",
-       "--digits-batch-size", "4")
+       "--digits-batch-size", "4", "--digits-seeds", "2", "--lm-seeds", "2")
+  result = json.loads((tmp_path / "adan_comparison" / "adan_comparison.json").read_text())
+  digits = result["results"]["digits"]
+  assert digits["seeds"] == 2 and len(digits["optimizers"]["adan_cosine"]["test_loss_seeds"]) == 2
+  assert set(digits["verdicts"]["schedule_free_adan_vs_adan_cosine"]) == {"test_loss", "test_acc"}
+  assert result["command"].startswith("python examples/adan_comparison.py")
 
 
 def test_depth_transfer(tmp_path):
   _run("depth_transfer", tmp_path, "--depths", "1,2", "--base-depth", "1", "--lrs", "0.001,0.01",
        "--steps", "4", "--warmup", "2", "--width", "8", "--heads", "2", "--seq-len", "8",
-       "--batch-size", "2", "--val-batches", "1")
+       "--batch-size", "2", "--val-batches", "1", "--seeds", "2")
+  result = json.loads((tmp_path / "depth_transfer" / "depth_transfer.json").read_text())
+  run = result["results"]["standard"]["2"]
+  assert len(run["val_loss_seeds"]) == 2 and len(run["val_loss_seeds"][0]) == 2  # (lrs, seeds)
+  assert len(run["best_lr_per_seed"]) == 2
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_batch_norm_digits(tmp_path, api):
-  _run("batch_norm_digits", tmp_path, "--api", api, "--epochs", "1", "--num-batches", "2")
+  _run("batch_norm_digits", tmp_path, "--api", api, "--epochs", "1", "--num-batches", "2",
+       "--seeds", "2")
+  result = json.loads((tmp_path / "batch_norm_digits" / f"batch_norm_digits_{api}.json").read_text())
+  assert [run["seed"] for run in result["runs"]] == [0, 1]
+  assert len(result["final"]["acc_x_recomputed"]["seeds"]) == 2
 
 
 def test_sharded_training(tmp_path):
@@ -62,8 +76,6 @@ def test_sharded_training(tmp_path):
 
 def test_sharded_training_two_processes(tmp_path):
   """The documented one-command multi-process run: 2 processes x 4 devices on loopback."""
-  import json
-
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # each process gets 4 of the 8 virtual devices
   checkpoint = tmp_path / "ckpt"

@@ -26,7 +26,6 @@ and ``lr_free.json`` (every number) under ``--out``.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 

@@ -1,10 +1,32 @@
 """Shared test configuration: strict numerics and a float64 switch."""
 
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
 
 # Implicit rank promotion hides shape bugs (a (n,) bias added to a (n, 1) column).
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# One compilation cache for the test run, shared by the pytest-xdist workers: many
+# tests compile the same small programs (eager primitives, the same steps), and
+# each is then compiled once per run rather than once per worker and test. The
+# controlling process creates it empty (a fresh machine's cost), its workers
+# inherit it through the environment, and it is removed at the end of the run.
+_CACHE_VARIABLE = "SF_OPTAX_TEST_COMPILATION_CACHE"
+_OWNS_CACHE = _CACHE_VARIABLE not in os.environ
+if _OWNS_CACHE:
+  os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="sf_optax_test_compilation_cache_")
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if _OWNS_CACHE:
+    shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
 
 
 @pytest.fixture

@@ -300,6 +300,7 @@ def test_corrupt_yaml_and_bad_extension(tmp_path):
     mup_flax.save_base_shapes({}, tmp_path / "s.bsh")
 
 
+@pytest.mark.slow
 def test_file_for_another_model_is_an_error(tmp_path):
   shapes = mup_flax.make_base_shapes(MLP(16), MLP(32), jnp.ones((1, 5)))
   mup_flax.save_base_shapes(shapes, tmp_path / "mlp.json")

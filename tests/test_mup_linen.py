@@ -411,6 +411,7 @@ def test_attention_scale():
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_train_state_end_to_end():
   model = mup(128)
   variables = model.init(jax.random.key(0), X)

@@ -230,6 +230,7 @@ def test_scale_eps_divides_eps_of_matrix_like_params():
     np.testing.assert_array_equal(s["embed"]["embedding"], p["embed"]["embedding"])
 
 
+@pytest.mark.slow
 def test_keeps_dtype():
   infshapes = infshapes_at(32)
   params = params_for(infshapes, dtype=jnp.bfloat16)

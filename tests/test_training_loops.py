@@ -51,6 +51,7 @@ def linen_eval(state):
   return mse(state.apply_fn({"params": x}, X))
 
 
+@pytest.mark.slow  # the default tier: the NNX loops
 def test_linen_train_state_loop():
   model = MLP()
   params = model.init(jax.random.key(2), X)["params"]

@@ -31,9 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sf_optax import _compiled_program as program
-from step_time import (COMPILE_ENTRIES, LEARNING_RATE, WEIGHT_DECAY, _is_shape,
-                       compile_leaf_shapes)
+from step_time import COMPILE_ENTRIES, LEARNING_RATE, WEIGHT_DECAY, abstract_step
 
 HAND_WRITTEN = "hand-written SF-AdamW store_x=False"
 
@@ -107,11 +105,7 @@ def _instructions(hlo_text: str, fused: bool) -> list[tuple[str, str]]:
 
 def measure(name: str, leaves: int) -> dict[str, float]:
   """Sizes and CPU seconds of one entry's step, in this process."""
-  tx = ENTRIES[name]()
-  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
-                        compile_leaf_shapes(leaves), is_leaf=_is_shape)
-  state = jax.eval_shape(tx.init, params)
-  step = jax.jit(program.training_step(tx), donate_argnums=(0, 1))
+  step, params, state = abstract_step(ENTRIES[name](), leaves)
   start = time.process_time()
   traced = step.trace(params, state, params)
   traced_at = time.process_time()

@@ -588,13 +588,17 @@ def _memory_status(field: str) -> int:
   raise KeyError(field)
 
 
-def compile_child(name: str, leaves: int) -> dict[str, float]:
-  """In a fresh process: lower and compile one entry's step on abstract params."""
-  tx = COMPILE_ENTRIES[name]()
+def abstract_step(tx, leaves: int):
+  """(jitted donated training step, abstract params, abstract state) on the compile suite's tree."""
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
                         compile_leaf_shapes(leaves), is_leaf=_is_shape)
   state = jax.eval_shape(tx.init, params)
-  step = jax.jit(program.training_step(tx), donate_argnums=(0, 1))
+  return jax.jit(program.training_step(tx), donate_argnums=(0, 1)), params, state
+
+
+def compile_child(name: str, leaves: int) -> dict[str, float]:
+  """In a fresh process: lower and compile one entry's step on abstract params."""
+  step, params, state = abstract_step(COMPILE_ENTRIES[name](), leaves)
   gc.collect()
   # Reset the peak RSS (Linux >= 4.0): the peak below is the lowering's and the compiler's.
   with open("/proc/self/clear_refs", "w") as f:

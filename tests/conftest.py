@@ -40,6 +40,17 @@ def x64():
     jax.config.update("jax_enable_x64", previous)
 
 
+@pytest.fixture
+def example_dependencies():
+  """Skips a test of the examples without their extras (``pip install -e ".[examples]"``).
+
+  A fixture rather than an import-time ``importorskip``: collecting the tests
+  would otherwise import scikit-learn and matplotlib in every test process.
+  """
+  for name in ("matplotlib", "sklearn", "tqdm"):
+    pytest.importorskip(name)
+
+
 @pytest.fixture(autouse=True)
 def _float64_does_not_leak(request):
   """A test that turns on float64 must turn it off: later tests and doctests assume float32."""

@@ -77,14 +77,19 @@ def test_records_have_every_module_and_step_and_plot(tmp_path):
   assert len(fig.axes) == 2
 
 
-def test_mup_is_flat_and_sp_grows():
+def test_mup_is_flat():
   mup = _slopes(_mup_models())
   assert _is_flat(mup), mup
+
+
+# The controls (SP and broken μPs grow) and the NNX models are in the slow tier.
+@pytest.mark.slow
+def test_sp_grows():
   sp = _slopes({w: (lambda w=w: MLP(w, mup=False)) for w in WIDTHS})
+  assert not _is_flat(sp), sp
   assert max(s for (_, t), s in sp.items() if t >= 2) > 0.3, sp
 
 
-# The negative controls and the NNX models are in the slow tier.
 @pytest.mark.slow
 def test_removing_the_readout_multiplier_breaks_flatness():
   slopes = _slopes(_mup_models(readout_mult_removed=True))

@@ -14,11 +14,7 @@ import pathlib
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("sklearn")
-pytest.importorskip("tqdm")
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("example_dependencies")]
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 

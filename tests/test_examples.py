@@ -7,9 +7,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("sklearn")
-pytest.importorskip("tqdm")
+pytestmark = pytest.mark.usefixtures("example_dependencies")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 

@@ -17,8 +17,10 @@ import sf_optax
 
 pytest.importorskip("orbax.checkpoint")
 
-X = jax.random.normal(jax.random.key(1), (32, 8))
-Y = jax.random.normal(jax.random.key(2), (32, 4))
+# Data from NumPy: an eager jax.random call at import compiles in every test process.
+_RNG = np.random.default_rng(1)
+X = jnp.asarray(_RNG.standard_normal((32, 8)).astype(np.float32))
+Y = jnp.asarray(_RNG.standard_normal((32, 4)).astype(np.float32))
 STEPS = 3
 
 

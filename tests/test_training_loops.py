@@ -22,8 +22,11 @@ from _helpers import MLP
 from _helpers import MuMLP
 from _helpers import NNXMLP
 
-X = jax.random.normal(jax.random.key(0), (64, 5))
-Y = jnp.tanh(X @ jax.random.normal(jax.random.key(1), (5, 3)))
+# Data from NumPy: an eager jax.random call at import compiles in every test process.
+_RNG = np.random.default_rng(0)
+_X = _RNG.standard_normal((64, 5)).astype(np.float32)
+X = jnp.asarray(_X)
+Y = jnp.asarray(np.tanh(_X @ _RNG.standard_normal((5, 3)).astype(np.float32)))
 STEPS = 25
 
 

@@ -356,7 +356,7 @@ def test_schedule_free_on_mup_groups_matches_reference(sf_name):
   base, delta = MLP_DOC["base"], MLP_DOC["delta"]
   model = mup_flax.MuP(MLP(**spec["widths"]), base=MLP(**base), delta=MLP(**delta))
   example = jnp.zeros((MLP_DOC["dims"]["batch"], MLP_DOC["dims"]["in"]), F64)
-  infshapes = mup_flax.get_infshapes(model.init(jax.random.key(0), example)["params"])
+  infshapes = mup_flax.get_infshapes(jax.eval_shape(model.init, jax.random.key(0), example)["params"])
   rule = "adam" if sf_name == "adamw" else "sgd"
   scales = mup_flax.schedule_free_scales(infshapes, rule=rule)
 

@@ -272,12 +272,7 @@ def kill_saves(directory, kills, seed):
   return committed, seen
 
 
-def test_kill_during_saves_quick(tmp_path):
-  committed, seen = kill_saves(tmp_path / "run", kills=2, seed=0)
-  print(f"\nlast committed step {committed}; {seen}")
-
-
-@pytest.mark.slow
+@pytest.mark.slow  # a writer process started and killed 24 times
 def test_kill_during_saves_many(tmp_path):
   committed, seen = kill_saves(tmp_path / "run", kills=24, seed=1)
   print(f"\nlast committed step {committed}; {seen}")

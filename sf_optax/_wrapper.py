@@ -58,6 +58,13 @@ def schedule_free(
   (``optax.clip_by_global_norm``) is replayed with its reduction: one more read
   of the gradient.
 
+  The base's state is kept as the base defines it, and its buffers cost their
+  reads and writes: ``optax.adam(b1=0)`` still keeps its first moment, so
+  ``schedule_free(optax.adam(lr, b1=0), lr)`` moves 1.22x (``store_x=True``) to
+  1.29x (``store_x=False``) the bytes of ``schedule_free_adamw(lr)`` and takes
+  1.17x to 1.24x its step time: the same time per byte. Where a built-in
+  computes the same thing, prefer it.
+
   Args:
     base_optimizer: any Optax transformation; it moves z.
     learning_rate: the base's learning rate (float or schedule): used for the

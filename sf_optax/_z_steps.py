@@ -332,6 +332,20 @@ def annealed_b1(sf_b1: Any, sf_b1_max: Any, anneal_steps: Any, count: jax.Array,
   return jnp.where(steps > 0, -jnp.expm1(log_gap), start).astype(dtype)
 
 
+def _l1_and_inner(g: jax.Array, z: jax.Array, other: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """sum |g| and sum g (z - other) of one leaf, in one pass over the three buffers.
+
+  One reduction with two results: as two reductions, XLA:CPU writes the
+  widened g (bf16 params) to a params-sized temporary that both read.
+  """
+  compute = _compute_dtype(g, z, other)
+  g = g.astype(compute)
+  zero = jnp.zeros([], compute)
+  return jax.lax.reduce(
+      (jnp.abs(g), g * (z.astype(compute) - other.astype(compute))), (zero, zero),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(g.ndim)))
+
+
 def _missing_value_error() -> ValueError:
   return ValueError(
       "schedule_free_plus needs the loss at the params (its Polyak step size is"
@@ -388,10 +402,9 @@ def schedule_free_plus(
     l1 = jnp.zeros([], dtype)
     inner = jnp.zeros([], dtype)
     for g, z_leaf, other in zip(leaves_g, leaves_z, leaves_other):
-      compute = _compute_dtype(g, z_leaf, other)
-      g = g.astype(compute)
-      l1 = l1 + jnp.sum(jnp.abs(g)).astype(dtype)
-      inner = inner + jnp.sum(g * (z_leaf.astype(compute) - other.astype(compute))).astype(dtype)
+      leaf_l1, leaf_inner = _l1_and_inner(g, z_leaf, other)
+      l1 = l1 + leaf_l1.astype(dtype)
+      inner = inner + leaf_inner.astype(dtype)
     if x is None:
       inner = inner / previous_b1.astype(dtype)
     value = jnp.asarray(value).astype(dtype)

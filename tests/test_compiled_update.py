@@ -228,6 +228,23 @@ def test_wrapper_adds_no_params_sized_temporary(name, store_x):
     assert violations([compile_step(tx, params)], tx, params) == []
 
 
+@pytest.mark.parametrize("dtype", default_tier([jnp.float32, jnp.bfloat16], {"bfloat16"},
+                                               ids=lambda d: jnp.dtype(d).name))
+@pytest.mark.parametrize("store_x", [False, True], ids=["store_x=False", "store_x=True"])
+def test_schedule_free_plus_allocates_nothing(store_x, dtype):
+  """ScheduleFree+'s reduction pass (L1 norm and <g, z - x>) shares no widened buffer.
+
+  As two reductions, XLA:CPU wrote the float32 copy of bf16 g (and of y) to
+  params-sized temporaries that both read.
+  """
+  params = jax.tree.map(lambda p: p.astype(dtype), _tree(SHAPES["three"], 0))
+  tx = sf_optax.schedule_free_plus(weight_decay=1e-4, store_x=store_x)
+  step = jax.jit(program.training_step(tx, value=jnp.float32(1.0)), donate_argnums=(0, 1))
+  compiled = step.lower(params, jax.device_put(tx.init(params), CPU), params).compile()
+  profile = program.Profile([compiled], params)
+  assert profile.allocated <= SCALAR_SLACK, profile.allocated
+
+
 # ------------------------------------------------------------------ the guards can fail
 
 

@@ -467,11 +467,26 @@ def adan(b2: Any, b3: Any, eps: Any) -> ZStep:
         nu=optax.tree.zeros_like(params),
     )
 
-  def update(updates, state, params, *, learning_rate, count, **extra_args):
-    del params, extra_args
+  def direction(updates, state, *, learning_rate, count):
+    """(g + b2 v' / (1 - b2^t)) / (sqrt(n' / (1 - b3^t)) + eps), from the new v' and n'."""
     dtype = learning_rate.dtype
     correction_difference = _averaging.bias_correction(b2, count, dtype)
     correction_nu = _averaging.bias_correction(b3, count, dtype)
+
+    def one(g, difference, nu):
+      compute = _compute_dtype(g, nu)
+      b2_c = jnp.asarray(b2, dtype).astype(compute)
+      numerator = g.astype(compute) + b2_c * difference.astype(compute) / (
+          correction_difference.astype(compute))
+      denominator = jnp.sqrt(nu.astype(compute) / correction_nu.astype(compute)) + jnp.asarray(
+          eps, dtype).astype(compute)
+      return numerator / denominator
+
+    return jax.tree.map(one, updates, state.difference, state.nu)
+
+  def update(updates, state, params, *, learning_rate, count, **extra_args):
+    del params, extra_args
+    dtype = learning_rate.dtype
     # No gradient before the first: its difference is zero, as in the official
     # code (previous gradient := current one) and optax.scale_by_adan.
     first_step = count == 0
@@ -482,26 +497,20 @@ def adan(b2: Any, b3: Any, eps: Any) -> ZStep:
       b2_c = jnp.asarray(b2, dtype).astype(compute)
       b3_c = jnp.asarray(b3, dtype).astype(compute)
       change = jnp.where(first_step, jnp.zeros_like(g), g - previous.astype(compute))
-      difference = b2_c * difference.astype(compute) + (1 - b2_c) * change
+      difference_next = b2_c * difference.astype(compute) + (1 - b2_c) * change
       nesterov = g + b2_c * change
-      nu = b3_c * nu.astype(compute) + (1 - b3_c) * nesterov * nesterov
-      numerator = g + b2_c * difference / correction_difference.astype(compute)
-      denominator = jnp.sqrt(nu / correction_nu.astype(compute)) + jnp.asarray(
-          eps, dtype
-      ).astype(compute)
-      return numerator / denominator, g, difference, nu
+      nu_next = b3_c * nu.astype(compute) + (1 - b3_c) * nesterov * nesterov
+      # Cast back so that the state never drifts from its dtype.
+      return (g.astype(previous.dtype), difference_next.astype(difference.dtype),
+              nu_next.astype(nu.dtype))
 
     treedef = jax.tree.structure(updates)
     olds = [treedef.flatten_up_to(buffer) for buffer in state]
     results = [one(g, *old) for g, *old in zip(treedef.flatten_up_to(updates), *olds)]
-    # Cast back so that the state never drifts from its dtype.
-    new_state = AdanState(*(
-        treedef.unflatten([result[i + 1].astype(o.dtype) for result, o in zip(results, old)])
-        for i, old in enumerate(olds)
-    ))
-    return treedef.unflatten([result[0] for result in results]), new_state
+    new_state = AdanState(*(treedef.unflatten(list(part)) for part in zip(*results)))
+    return direction(updates, new_state, learning_rate=learning_rate, count=count), new_state
 
-  return ZStep(init, update)
+  return ZStep(init, update, direction)
 
 
 def transformation(base: optax.GradientTransformation) -> ZStep:

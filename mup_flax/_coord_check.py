@@ -143,7 +143,8 @@ class _LinenRunner:
 
   def __init__(self, model, seed, inputs):
     self.model = model
-    variables = model.init(jax.random.key(seed), inputs)
+    # One compiled program, rather than one per initializer and shape eagerly.
+    variables = jax.jit(model.init)(jax.random.key(seed), inputs)
     params = variables["params"]
     self.infshapes = _annotated_infshapes(params)
     self.params = nn.unbox(params)

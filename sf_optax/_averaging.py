@@ -140,9 +140,9 @@ def _power_of_two(k: jax.Array, dtype: Any) -> jax.Array:
 def _scale_down(x: jax.Array, shift: jax.Array) -> jax.Array:
   """x * 2**shift in two exact products, for integer shift < maxexp.
 
-  ``jnp.ldexp``'s value in a third of its operations (it handles any shift).
-
-  The shift of the weight sum is never positive (the weights never decrease).
+  ``jnp.ldexp``'s value in a third of its operations: ``jnp.ldexp`` handles any
+  shift, and the shift of the weight sum is never positive (the weights never
+  decrease).
   """
   lowest = jnp.finfo(x.dtype).minexp
   first = jnp.maximum(shift, lowest)

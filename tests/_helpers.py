@@ -135,6 +135,20 @@ def assert_trees_equal(actual, expected):
 
 
 # ---------------------------------------------------------------------------
+# Test data.
+# ---------------------------------------------------------------------------
+
+
+def normal(rng, shape, dtype=np.float32):
+  """Standard normal values from a NumPy ``Generator``, as a JAX array.
+
+  Where random values are only data: an eager ``jax.random`` call compiles once
+  per shape, and at a module's import in every test process.
+  """
+  return jax.numpy.asarray(np.asarray(rng.standard_normal(shape), np.dtype(dtype)))
+
+
+# ---------------------------------------------------------------------------
 # Test tiers.
 # ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import sf_optax
 from sf_optax._batch_norm import recompute_batch_stats
 from sf_optax._batch_norm import recompute_batch_stats_nnx
 
-# NumPy data: an eager jax.random call at import compiles in every test process.
+# From NumPy, as _helpers.normal: an eager jax.random call at import compiles in every test process.
 BATCHES = (np.random.default_rng(0).standard_normal((4, 16, 3)) * 2.0 + 1.0).astype(np.float32)
 ALL = BATCHES.reshape(-1, 3)
 

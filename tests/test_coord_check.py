@@ -1,7 +1,6 @@
 """The coordinate check catches a wrong μP: flat under μP, growing under SP or a broken μP."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -19,6 +19,7 @@ import sf_optax
 from mup_flax import InfDim, InfShape
 
 from _helpers import default_tier
+from _helpers import normal
 
 LR, WD = 3e-2, 0.1
 
@@ -38,11 +39,6 @@ def infshapes_at(width, base=8):
       "gain": InfShape([InfDim(None, 5)]),
       "embed": {"embedding": InfShape([InfDim(None, 11), InfDim(base, width)])},
   }
-
-
-def normal(rng, shape, dtype):
-  """Standard normal values from NumPy (eager jax.random would compile once per shape)."""
-  return jnp.asarray(np.asarray(rng.standard_normal(shape), jnp.dtype(dtype)))
 
 
 def params_for(infshapes, seed=0, dtype=jnp.float32):

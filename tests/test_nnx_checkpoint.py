@@ -15,12 +15,13 @@ from flax import nnx
 
 import sf_optax
 
+from _helpers import normal
+
 pytest.importorskip("orbax.checkpoint")
 
-# Data from NumPy: an eager jax.random call at import compiles in every test process.
 _RNG = np.random.default_rng(1)
-X = jnp.asarray(_RNG.standard_normal((32, 8)).astype(np.float32))
-Y = jnp.asarray(_RNG.standard_normal((32, 4)).astype(np.float32))
+X = normal(_RNG, (32, 8))
+Y = normal(_RNG, (32, 4))
 STEPS = 3
 
 

@@ -13,11 +13,11 @@ import sf_optax
 from _helpers import NNXMLP
 from _helpers import assert_trees_equal
 from _helpers import default_tier
+from _helpers import normal
 
-# Data from NumPy: an eager jax.random call at import compiles in every test process.
 _RNG = np.random.default_rng(0)
-X = jnp.asarray(_RNG.standard_normal((16, 5)).astype(np.float32))
-Y = jnp.asarray(_RNG.standard_normal((16, 3)).astype(np.float32))
+X = normal(_RNG, (16, 5))
+Y = normal(_RNG, (16, 3))
 STEPS = 4
 
 

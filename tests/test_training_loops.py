@@ -22,7 +22,7 @@ from _helpers import MLP
 from _helpers import MuMLP
 from _helpers import NNXMLP
 
-# Data from NumPy: an eager jax.random call at import compiles in every test process.
+# From NumPy, as _helpers.normal (the teacher too: an eager matmul at import would compile).
 _RNG = np.random.default_rng(0)
 _X = _RNG.standard_normal((64, 5)).astype(np.float32)
 X = jnp.asarray(_X)

@@ -257,25 +257,20 @@ def schedule_free_plus(
 
   .. math::
 
-    eta_k &= 1 - (1 - eta)^{1 - p_k} (1 - eta_{\max})^{p_k}, \quad
-      p_k = \min(k / K, 1) \
-    e_k &= rac{
-ho\, e_{k-1} + (1 - 
-ho) \sqrt{\pi / 2}\, \|g\|_1}{1 - 
-ho^{k+1}}
-      \
+    \beta_k &= 1 - (1 - \beta)^{1 - p_k} (1 - \beta_{\max})^{p_k}, \quad
+      p_k = \min(k / K, 1) \\
+    e_k &= \frac{\rho\, e_{k-1} + (1 - \rho) \sqrt{\pi / 2}\, \|g\|_1}{1 - \rho^{k+1}}
+      \\
     \gamma_k &= \max(\eta_k, \epsilon)\,
-      rac{\max(0,\ f + eta_k \langle g, z - x 
-angle)}{e_k} \
+      \frac{\max(0,\ f + \beta_k \langle g, z - x \rangle)}{e_k} \\
     z &\leftarrow z - \gamma_k^2 \lambda\, y
-      - \gamma_k rac{m_k / (1 - b_1^{k+1})}{\sqrt{v_k / (1 - b_2^{k+1})} + \epsilon}
-      \
+      - \gamma_k \frac{m_k / (1 - b_1^{k+1})}{\sqrt{v_k / (1 - b_2^{k+1})} + \epsilon}
+      \\
     x &\leftarrow (1 - c_k)\, x + c_k z, \quad
-    y = eta_k x + (1 - eta_k) z,
+    y = \beta_k x + (1 - \beta_k) z,
 
-  with :math:`eta` = ``sf_b1``, :math:`eta_{\max}` = ``sf_b1_max``, K =
-  ``sf_b1_anneal_steps`` (no annealing when 0), :math:`
-ho` = ``polyak_b``,
+  with :math:`\beta` = ``sf_b1``, :math:`\beta_{\max}` = ``sf_b1_max``, K =
+  ``sf_b1_anneal_steps`` (no annealing when 0), :math:`\rho` = ``polyak_b``,
   :math:`\eta_k` the learning rate (a multiplier of the Polyak rate, 1 by
   default), m and v Adam's averages of g and g² (``b1``, ``b2``). The weight
   decay is AdamC's: it scales with the square of the step size, so its values
@@ -286,10 +281,8 @@ ho` = ``polyak_b``,
 
   As in the reference, the bias-corrected L1 estimate :math:`e_k` is what is
   kept for the next step (``group['grad_l1_ema'] = grad_l1_ema_corr``): with
-  ``polyak_b`` > 0 the division by :math:`1 - 
-ho^{k+1}` compounds over the
-  first steps (with :math:`
-ho = 0.9` the estimate reaches about 4000 times
+  ``polyak_b`` > 0 the division by :math:`1 - \rho^{k+1}` compounds over the
+  first steps (with :math:`\rho = 0.9` the estimate reaches about 4000 times
   the gradient's size around step 20 for a constant gradient, then decays back),
   which makes the first steps short. This is matched, not corrected.
 
